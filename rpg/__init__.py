@@ -1,0 +1,1 @@
+"""KL-regularized policy-gradient RL for language models."""

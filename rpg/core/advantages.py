@@ -1,0 +1,86 @@
+"""Advantage estimators: ``ADVANTAGES[name](rewards [N], group_ids [N], mask [N, T]) -> advantages [N]``.
+
+group_ids: int tensor, responses to the same prompt share an id.  The returned advantage is one value
+per response (it is broadcast over the response's tokens by the losses).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rpg.core.masked import masked_whiten
+from rpg.core.registry import Registry
+
+ADVANTAGES = Registry("advantage estimator")
+
+#: Numerical guard added to standard deviations (GRPO uses 1e-6).
+STD_EPS = 1e-6
+
+
+def _group_stats(rewards: torch.Tensor, group_ids: torch.Tensor):
+    """Per-response group mean, unbiased group std and group size."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    k = int(inverse.max()) + 1
+    count = torch.zeros(k, dtype=rewards.dtype).index_add_(0, inverse, torch.ones_like(rewards))
+    total = torch.zeros(k, dtype=rewards.dtype).index_add_(0, inverse, rewards)
+    mean = (total / count)[inverse]
+    sq = torch.zeros(k, dtype=rewards.dtype).index_add_(0, inverse, (rewards - mean) ** 2)
+    std = (sq / (count - 1).clamp(min=1)).sqrt()[inverse]
+    return mean, std, count[inverse]
+
+
+def _check(rewards, group_ids, mask):
+    if rewards.dim() != 1 or group_ids.shape != rewards.shape or mask.shape[0] != rewards.shape[0]:
+        raise ValueError(f"rewards and group_ids must be [N] and mask [N, T]; got {tuple(rewards.shape)}, "
+                         f"{tuple(group_ids.shape)}, {tuple(mask.shape)}")
+
+
+@ADVANTAGES.register("group_zscore")
+def group_zscore(rewards, group_ids, mask):
+    """GRPO / DAPO: (R - mean_G) / (std_G + 1e-6), std unbiased over the group (Shao et al. 2024)."""
+    _check(rewards, group_ids, mask)
+    mean, std, _ = _group_stats(rewards, group_ids)
+    return (rewards - mean) / (std + STD_EPS)
+
+
+@ADVANTAGES.register("group_mean")
+def group_mean(rewards, group_ids, mask):
+    """RPG: R - mean_G, the group-mean baseline (no scaling)."""
+    _check(rewards, group_ids, mask)
+    return rewards - _group_stats(rewards, group_ids)[0]
+
+
+@ADVANTAGES.register("batch_mean")
+def batch_mean(rewards, group_ids, mask):
+    """R - mean over the whole batch."""
+    _check(rewards, group_ids, mask)
+    return rewards - rewards.mean()
+
+
+@ADVANTAGES.register("rloo")
+def rloo(rewards, group_ids, mask):
+    """REINFORCE leave-one-out: R_i - mean of the other responses of its group (0 for a group of one)."""
+    _check(rewards, group_ids, mask)
+    mean, _, count = _group_stats(rewards, group_ids)
+    loo = (mean * count - rewards) / (count - 1).clamp(min=1)
+    return torch.where(count > 1, rewards - loo, torch.zeros_like(rewards))
+
+
+def _whiten_over_tokens(values, mask):
+    mask = mask.to(values.dtype)
+    tokens = values[:, None].expand_as(mask)
+    return masked_whiten(tokens, mask, STD_EPS)[:, 0]
+
+
+@ADVANTAGES.register("reinforce_pp")
+def reinforce_pp(rewards, group_ids, mask):
+    """REINFORCE++: R broadcast to tokens and whitened over all valid tokens of the batch (Hu 2025)."""
+    _check(rewards, group_ids, mask)
+    return _whiten_over_tokens(rewards, mask)
+
+
+@ADVANTAGES.register("reinforce_pp_baseline")
+def reinforce_pp_baseline(rewards, group_ids, mask):
+    """REINFORCE++-baseline: R - mean_G, then whitened over all valid tokens of the batch."""
+    _check(rewards, group_ids, mask)
+    return _whiten_over_tokens(rewards - _group_stats(rewards, group_ids)[0], mask)

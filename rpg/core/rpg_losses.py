@@ -1,0 +1,91 @@
+"""The paper's losses: fully differentiable (section 3a) and REINFORCE-style (section 3b) surrogates.
+
+Notation (ALGORITHMS.md section 1): w = pi_theta/pi_old, d = log pi_theta/pi_ref, rho = pi_ref/pi_old,
+A = advantage, beta = kl_coef.  Samples are tokens (level="token") or responses (level="sequence").
+Every variant's exact gradient is  -E_{pi_old}[Weight_X grad log pi_theta]  with (section 2)
+  FKL:  w A + beta rho       RKL:  w (A - beta (d + 1))
+  UFKL: w A - beta (w - rho) URKL: w (A - beta d)
+Arguments of every loss: logp, old_logp, ref_logp, mask: [N, T]; advantages: [N];
+params: LossParams; totals: BatchTotals of the whole mini-batch (None = this batch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rpg.core.clipping import clip_branches, clip_metrics, clipped_pg_term
+from rpg.core.common_metrics import sample_metrics
+from rpg.core.divergences import RPG_KL_TERMS, RPG_KL_WEIGHTS
+from rpg.core.masked import aggregate
+from rpg.core.registry import Registry
+from rpg.core.samples import build_samples
+from rpg.core.types import BatchTotals, LossOutput, LossParams
+
+POLICY_LOSSES = Registry("policy loss")
+
+
+def fully_differentiable_loss(kl: str, logp, old_logp, ref_logp, advantages, mask, params: LossParams,
+                              totals: BatchTotals | None = None) -> LossOutput:
+    """Per sample  L = clipterm(w, A) + beta * KLterm_X(w, d, rho, log pi)  (Tables 1 and 4, Section 3.3).
+
+    The gradient flows through w and d.  clipterm is -w A unclipped, or the PPO dual-clip surrogate
+    (rpg.core.clipping) which touches the reward part only; the KL part stays unclipped (Appendix G.1).
+    Unclipped, grad L = -Weight_X grad log pi_theta exactly.
+    """
+    s = build_samples(logp, old_logp, ref_logp, advantages, mask, params)
+    pg, branches = clipped_pg_term(s.w, s.adv, params)
+    kl_term = RPG_KL_TERMS[kl](s.w, s.d, s.rho, s.logpi)
+    pg_loss = aggregate(pg, mask, params.agg, totals)
+    kl_loss = aggregate(kl_term, mask, params.agg, totals)
+    loss = pg_loss + params.kl_coef * kl_loss
+    metrics = {"loss/pg": pg_loss.detach(), "loss/kl": kl_loss.detach(), **clip_metrics(branches, s.valid),
+               **sample_metrics(s, logp, ref_logp, mask)}
+    return LossOutput(loss, metrics)
+
+
+def reinforce_loss(kl: str, logp, old_logp, ref_logp, advantages, mask, params: LossParams,
+                   totals: BatchTotals | None = None) -> LossOutput:
+    """Per sample  L = -SG(Weight_X) * log pi_theta(x)  (Table 2, Appendix F); only log pi carries gradient.
+
+    With clip bounds set, RPG-Style Clip (Section 4.1, Algorithm 2): write Weight = w * A_reg with
+    A_reg = A + SG(C)/SG(w), C = beta * kl_weight the KL part of the weight, and psi = A_reg * (-log pi).
+    The sample keeps the loss psi * SG(w) (same gradient as unclipped) when psi >= 0 and w < 1 + eps_high,
+    or when psi < 0 and 1 - eps_low < w < c; otherwise it is the constant psi * bound (no gradient).
+    Unclipped this has exactly the per-sample gradient of ``fully_differentiable_loss`` (Proposition 4.1).
+    """
+    s = build_samples(logp, old_logp, ref_logp, advantages, mask, params)
+    w, d, rho = s.w.detach(), s.d.detach(), s.rho
+    kl_part = params.kl_coef * RPG_KL_WEIGHTS[kl](w, d, rho)
+    weight = w * s.adv + kl_part
+    per_sample = -weight * s.logpi
+    psi = (s.adv + kl_part / w) * (-s.logpi.detach())
+    branches = clip_branches(w, psi >= 0, params)
+    if params.clipped:
+        per_sample = torch.where(branches.active, per_sample, psi * branches.bound)
+    loss = aggregate(per_sample, mask, params.agg, totals)
+    metrics = {"loss/pg": loss.detach(), "adv/reg_mean": _valid_mean(weight / w, s.valid),
+               **clip_metrics(branches, s.valid), **sample_metrics(s, logp, ref_logp, mask)}
+    return LossOutput(loss, metrics)
+
+
+def _valid_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return (torch.where(valid > 0, x, torch.zeros_like(x)).sum() / valid.sum()).detach()
+
+
+def _register(name: str, family, kl: str, doc: str) -> None:
+    def loss_fn(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None):
+        return family(kl, logp, old_logp, ref_logp, advantages, mask, params, totals)
+
+    loss_fn.__name__ = loss_fn.__qualname__ = name
+    loss_fn.__doc__ = f"{doc}\n\n{family.__doc__}"
+    POLICY_LOSSES.register(name)(loss_fn)
+
+
+_register("rpg_fkl", fully_differentiable_loss, "fkl", "RPG-FKL: L = -w A - beta rho log pi_theta(x); paper form -w A - beta log pi (Table 1).")
+_register("rpg_rkl", fully_differentiable_loss, "rkl", "RPG-RKL: L = w (-A + beta d); paper form w (-A + beta log w) (Table 1).")
+_register("rpg_ufkl", fully_differentiable_loss, "ufkl", "RPG-UFKL: L = -w A + beta (w - rho log pi); paper form -w A + beta (w - log w - 1) (Table 4).")
+_register("rpg_urkl", fully_differentiable_loss, "urkl", "RPG-URKL: L = -w A + beta (w d - w); paper form -w A + beta (w log w - w) (Table 4).")
+_register("rpg_rf_fkl", reinforce_loss, "fkl", "RPG-REINFORCE-FKL: Weight = w A + beta rho (Table 2).")
+_register("rpg_rf_rkl", reinforce_loss, "rkl", "RPG-REINFORCE-RKL: Weight = w (A - beta (d + 1)) (Table 2).")
+_register("rpg_rf_ufkl", reinforce_loss, "ufkl", "RPG-REINFORCE-UFKL: Weight = w A - beta (w - rho) (Table 2).")
+_register("rpg_rf_urkl", reinforce_loss, "urkl", "RPG-REINFORCE-URKL: Weight = w (A - beta d) (Table 2).")

@@ -1,0 +1,68 @@
+"""Per-sample quantities of a batch at token or sequence level (ALGORITHMS.md section 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rpg.core.masked import masked_sum
+from rpg.core.types import LossParams
+
+
+@dataclass
+class Samples:
+    """What the losses need, one entry per sample (a token, or a whole response).
+
+    Shapes are [N, T] at level="token" and [N] at level="sequence".
+    logpi: log pi_theta(x) (grad).  log_w, w: log and value of pi_theta/pi_old (grad).
+    d: log pi_theta/pi_ref (grad).  rho: pi_ref/pi_old (no grad).  adv: advantage per sample.
+    valid: 1 for real samples.  clamped: 1 where |log_w| hit ``max_log_ratio`` (no grad there).
+    """
+
+    logpi: torch.Tensor
+    log_w: torch.Tensor
+    w: torch.Tensor
+    d: torch.Tensor
+    rho: torch.Tensor
+    adv: torch.Tensor
+    valid: torch.Tensor
+    clamped: torch.Tensor
+
+
+def check_inputs(logp, old_logp, ref_logp, advantages, mask) -> None:
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [N, T], got shape {tuple(logp.shape)}")
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask)):
+        if t.shape != logp.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but logp has {tuple(logp.shape)}; all must be [N, T]")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must be [N] = [{logp.shape[0]}] (one per response), got {tuple(advantages.shape)}")
+    if not bool((mask.sum() > 0)):
+        raise ValueError("mask has no valid token: every response in the batch is empty")
+
+
+def build_samples(logp, old_logp, ref_logp, advantages, mask, params: LossParams) -> Samples:
+    """Token level: w_t = exp(logp_t - old_t), d_t = logp_t - ref_t, logpi = logp_t.
+    Sequence level: s = sum_t m (logp - old), w = exp(s), logpi = sum_t m logp,
+    d = sum_t m (logp - ref), rho = exp(sum_t m (ref - old)).
+    """
+    check_inputs(logp, old_logp, ref_logp, advantages, mask)
+    mask = mask.to(logp.dtype)
+    old_logp, ref_logp, advantages = old_logp.detach(), ref_logp.detach(), advantages.detach().to(logp.dtype)
+    if params.level == "token":
+        logpi, log_w, d, log_rho = logp, logp - old_logp, logp - ref_logp, ref_logp - old_logp
+        adv = advantages[:, None].expand_as(logp)
+        valid = mask
+    else:
+        logpi = masked_sum(logp, mask, -1)
+        log_w = masked_sum(logp - old_logp, mask, -1)
+        d = masked_sum(logp - ref_logp, mask, -1)
+        log_rho = masked_sum(ref_logp - old_logp, mask, -1)
+        adv = advantages
+        valid = (mask.sum(-1) > 0).to(logp.dtype)
+    bound = params.max_log_ratio
+    clamped = (log_w.detach().abs() > bound).to(logp.dtype)
+    w = torch.exp(log_w.clamp(-bound, bound))
+    rho = torch.exp(log_rho.clamp(-bound, bound))
+    return Samples(logpi, log_w, w, d, rho, adv, valid, clamped)
