@@ -1,0 +1,112 @@
+"""Builders that turn a validated config into the objects of a run: policy, data, optimizer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from rpg.data import PromptSet, load_prompt_set
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir(cfg) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("RPG_CACHE_DIR") or PROJECT_ROOT / ".cache")
+
+
+def build_policy(cfg):
+    """(model, tokenizer, info): the tiny model warm-started on the toy task, or a local checkpoint."""
+    m = cfg.model
+    dtype = DTYPES[cfg.engine.dtype]
+    if m.kind == "tiny":
+        from rpg.models.tiny import load_tiny
+        from rpg.warmstart import load_meta, warm_start
+
+        settings = OmegaConf.to_container(m.warm_start, resolve=True)
+        path = warm_start(settings, cache_dir=str(cache_dir(cfg) / "warmstart"), progress=True)
+        model, tokenizer = load_tiny(path, dtype=dtype)
+        info = {"warm_start_path": str(path), "warm_start_acc": load_meta(path).get("heldout_greedy_acc")}
+    elif m.kind == "pretrained":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(m.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.path={m.path} holds no config.json: point model.path at a local "
+                                    "transformers checkpoint directory (nothing is downloaded at run time)")
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        info = {"model_path": str(path)}
+    else:
+        raise ValueError(f"model.kind={m.kind!r}; use tiny or pretrained")
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.to(cfg.engine.device)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.train(), tokenizer, info
+
+
+@dataclass
+class EvalSet:
+    name: str
+    prompts: PromptSet  # one row per problem
+    k: int
+
+
+def build_data(cfg) -> tuple[PromptSet, list[EvalSet]]:
+    """The training prompts and the held-out sets (deduplicated to one row per problem)."""
+    from rpg.data import dedupe_problems
+
+    d = cfg.data
+    train_path = d.train_path
+    toy_paths = {}
+    if d.kind == "toy":
+        from rpg.toy_task import write_parquet
+
+        root = cache_dir(cfg) / "toy" / f"seed{d.toy_seed}"
+        for split in ("train", "test"):
+            target = root / f"{split}.parquet"
+            toy_paths[split] = target if target.is_file() else write_parquet(target, split, seed=d.toy_seed)
+        train_path = train_path or str(toy_paths["train"])
+    if not train_path:
+        raise ValueError(f"data {d.name}: set data.train_path=/path/to/train.parquet (verl schema)")
+    train = load_prompt_set(train_path, name=d.name)
+    evals = []
+    for e in d.eval_sets:
+        path = toy_paths.get(e.path.removeprefix("toy:")) if e.path.startswith("toy:") else e.path
+        if path is None:
+            raise ValueError(f"eval set {e.name}: path {e.path!r} needs data.kind=toy")
+        problems = dedupe_problems(load_prompt_set(path, name=e.name))
+        if e.max_problems:
+            problems = problems.select(range(min(e.max_problems, len(problems))))
+        evals.append(EvalSet(e.name, problems, e.k))
+    return train, evals
+
+
+def build_optimizer(cfg, model):
+    o = cfg.optim
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr,
+                                  betas=tuple(o.betas), weight_decay=o.weight_decay)
+    warmup = max(o.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0)
+    return optimizer, scheduler
+
+
+def prompt_texts(prompts: PromptSet, tokenizer, chat_template: bool) -> list[str]:
+    """What the model is conditioned on: the chat template applied, or the last user message as is."""
+    if chat_template:
+        return [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts.messages]
+    return [m[-1]["content"] for m in prompts.messages]
+
+
+def encode_prompts(texts: list[str], tokenizer, max_len: int) -> tuple[list[list[int]], int]:
+    """Token ids, left-truncated to ``max_len``; also returns how many prompts were truncated."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    truncated = sum(len(x) > max_len for x in ids)
+    return [x[-max_len:] for x in ids], truncated

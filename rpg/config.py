@@ -1,0 +1,207 @@
+"""Config schemas (one dataclass per group), registered in Hydra's ConfigStore, and validation.
+
+YAML files under conf/ hold values only; these schemas define which keys exist and their types, so a
+misspelt key fails at composition time.  ``validate(cfg)`` checks the combinations a schema cannot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+REF_UPDATES = ("every_step", "every_k", "kl_threshold", "never")
+
+
+@dataclass
+class AlgoConfig:
+    """One algorithm: loss, advantage, KL, clipping, DAPO extras and the reference policy (conf/algo/)."""
+
+    name: str = MISSING
+    loss: str = MISSING  # key of rpg.core.losses.POLICY_LOSSES
+    advantage: str = MISSING  # key of rpg.core.advantages.ADVANTAGES
+    kl_coef: float = 0.0
+    kl_estimator: Optional[str] = None  # ppo_clip only: k1 | k2 | k3 | null
+    clip_low: Optional[float] = None
+    clip_high: Optional[float] = None
+    dual_clip_c: Optional[float] = None
+    level: str = "token"  # token | sequence
+    agg: str = "token-mean"
+    max_log_ratio: float = 20.0
+    ref_update: str = "every_step"  # every_step | every_k | kl_threshold | never
+    ref_update_k: int = 10  # every_k: optimizer steps between reference refreshes
+    ref_kl_threshold: float = 0.05  # kl_threshold: kappa on the moving average of token k3
+    ref_kl_ema: float = 0.9  # kl_threshold: decay of that moving average
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
+    max_gen_batches: int = 8  # dynamic sampling gives up after this many generation rounds
+    overlong_buffer_frac: float = 0.0  # DAPO overlong shaping: buffer as a fraction of data.max_response_len (0 = off)
+    overlong_penalty: float = 1.0  # scale of that penalty
+
+
+@dataclass
+class ModelConfig:
+    """The policy (conf/model/).  kind=tiny builds the embedded CPU model; kind=pretrained loads ``path``."""
+
+    name: str = MISSING
+    kind: str = "tiny"  # tiny | pretrained
+    path: Optional[str] = None  # local directory of a transformers checkpoint (kind=pretrained)
+    # tiny: architecture and supervised warm start on the toy task (rpg.warmstart.WarmStartConfig keys;
+    # cached on disk by a hash of these values)
+    warm_start: dict[str, Any] = field(default_factory=dict)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class EvalSetConfig:
+    name: str = MISSING
+    path: str = MISSING
+    k: int = 1  # samples per problem for mean@k / pass@k / maj@k
+    max_problems: Optional[int] = None
+
+
+@dataclass
+class DataConfig:
+    """Training prompts and held-out sets (conf/data/)."""
+
+    name: str = MISSING
+    kind: str = "parquet"  # parquet | toy (the synthetic task, written to the cache on first use)
+    train_path: Optional[str] = None  # verl-schema parquet; the toy task writes its own
+    reward: str = "math_dapo"  # key of rpg.rewards.REWARDS
+    reward_timeout_s: float = 5.0
+    max_prompt_len: int = 64
+    max_response_len: int = 16
+    chat_template: bool = False  # wrap prompts with the tokenizer's chat template
+    toy_seed: int = 0  # toy task: seed of the problem split
+    eval_sets: list[EvalSetConfig] = field(default_factory=list)
+    eval_greedy: bool = True  # also log eval/<set>/greedy_acc
+
+
+@dataclass
+class EngineConfig:
+    """Where and how it runs (conf/engine/)."""
+
+    name: str = MISSING
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16
+    rollout: str = "hf"  # hf | vllm
+    backend: str = "local"  # local | fsdp
+    num_gpus: int = 0
+    logprob_chunk: int = 1024  # tokens per chunk when computing log-probs over the vocabulary
+    torch_threads: Optional[int] = None
+    vllm_gpu_memory_utilization: float = 0.5
+    vllm_kv_cache_bytes: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 0  # linear warm-up (optimizer steps), then constant
+    grad_clip: float = 1.0
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 8  # G, the group size
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class PPOConfig:
+    """Optimisation over one rollout batch (the PPO-style inner loop)."""
+
+    epochs: int = 1  # passes over each rollout batch
+    mini_batch_size: int = 128  # responses per optimizer step
+    micro_batch_size: int = 128  # responses per forward/backward (gradient accumulation)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
+    experiment: str = "rpg"
+
+
+@dataclass
+class RunConfig:
+    algo: AlgoConfig = MISSING
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    engine: EngineConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 1
+    steps: int = 60
+    eval_every: int = 10
+    save_every: int = 1  # checkpoint every N steps (0 = only at the end and on preemption)
+    resume: str = "auto"  # auto: continue from out_dir's last checkpoint if any | never
+    out_dir: Optional[str] = None  # None: Hydra's run directory
+    sweep: str = "default"  # sweep name; groups runs in MLflow
+    cache_dir: Optional[str] = None  # warm starts and derived data; None: <project>/.cache
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="algo", name="algo_schema", node=AlgoConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="engine", name="engine_schema", node=EngineConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that composes but cannot run; the message says what to set."""
+
+
+def validate(cfg) -> None:
+    """Fail before any work on combinations the schemas cannot express."""
+    from rpg.core.advantages import ADVANTAGES
+    from rpg.core.losses import POLICY_LOSSES, LossParams
+
+    a, r, u = cfg.algo, cfg.rollout, cfg.ppo
+    if a.loss not in POLICY_LOSSES:
+        raise ConfigError(f"algo.loss={a.loss!r} is not a policy loss; use one of {sorted(POLICY_LOSSES)}")
+    if a.advantage not in ADVANTAGES:
+        raise ConfigError(f"algo.advantage={a.advantage!r} is unknown; use one of {sorted(ADVANTAGES)}")
+    try:
+        loss_params(a)
+    except ValueError as e:
+        raise ConfigError(f"algo: {e}") from None
+    if a.ref_update not in REF_UPDATES:
+        raise ConfigError(f"algo.ref_update={a.ref_update!r}; use one of {REF_UPDATES}")
+    batch = r.prompts_per_step * r.samples_per_prompt
+    if r.prompts_per_step < 1 or r.samples_per_prompt < 1:
+        raise ConfigError("rollout.prompts_per_step and rollout.samples_per_prompt must be >= 1")
+    if batch % u.mini_batch_size:
+        raise ConfigError(f"ppo.mini_batch_size={u.mini_batch_size} must divide the batch "
+                          f"rollout.prompts_per_step x rollout.samples_per_prompt = {batch}")
+    if u.mini_batch_size % u.micro_batch_size:
+        raise ConfigError(f"ppo.micro_batch_size={u.micro_batch_size} must divide ppo.mini_batch_size={u.mini_batch_size}")
+    if a.advantage in ("group_zscore", "group_mean", "rloo", "reinforce_pp_baseline") and r.samples_per_prompt < 2:
+        raise ConfigError(f"algo.advantage={a.advantage} needs a group: set rollout.samples_per_prompt >= 2")
+    if not 0.0 <= a.overlong_buffer_frac < 1.0:
+        raise ConfigError(f"algo.overlong_buffer_frac={a.overlong_buffer_frac} must be in [0, 1)")
+    if cfg.steps < 0 or cfg.eval_every < 0:
+        raise ConfigError("steps and eval_every must be >= 0")
+    if cfg.resume not in ("auto", "never"):
+        raise ConfigError(f"resume={cfg.resume!r}; use auto or never")
+    if cfg.model.kind == "pretrained" and not cfg.model.path:
+        raise ConfigError(f"model {cfg.model.name}: set model.path=/path/to/local/checkpoint "
+                          "(a directory with config.json and weights; nothing is downloaded at run time)")
+    if cfg.engine.rollout not in ("hf", "vllm"):
+        raise ConfigError(f"engine.rollout={cfg.engine.rollout!r}; use hf or vllm")
+
+
+def loss_params(algo):
+    from rpg.core.losses import LossParams
+
+    return LossParams(kl_coef=algo.kl_coef, clip_low=algo.clip_low, clip_high=algo.clip_high,
+                      dual_clip_c=algo.dual_clip_c, level=algo.level, agg=algo.agg,
+                      kl_estimator=algo.kl_estimator, max_log_ratio=algo.max_log_ratio)

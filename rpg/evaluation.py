@@ -1,0 +1,40 @@
+"""Held-out evaluation of the policy: greedy accuracy and mean@k / pass@k / maj@k (ALGORITHMS.md section 8)."""
+
+from __future__ import annotations
+
+from rpg.build import EvalSet, encode_prompts, prompt_texts
+from rpg.evaluate import summarize_eval
+from rpg.rewards import get_reward_fn, score_safely
+from rpg.rollout.base import SamplingParams
+
+
+def evaluate_policy(engine, tokenizer, eval_sets: list[EvalSet], cfg, seed: int = 0) -> tuple[dict[str, float], list[dict]]:
+    """Metrics ``eval/<set>/<metric>`` and one detail row per graded sample (for an artifact)."""
+    metrics: dict[str, float] = {}
+    details: list[dict] = []
+    d = cfg.data
+    for es in eval_sets:
+        ids, _ = encode_prompts(prompt_texts(es.prompts, tokenizer, d.chat_template), tokenizer, d.max_prompt_len)
+        runs = [("greedy", SamplingParams(n=1, temperature=0.0, max_new_tokens=d.max_response_len))] if d.eval_greedy else []
+        runs.append(("sampled", SamplingParams(n=es.k, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                               max_new_tokens=d.max_response_len)))
+        for mode, sampling in runs:
+            gens = engine.generate(ids, sampling)
+            preds, correct, problem_ids = [], [], []
+            for row, text in enumerate(gens.texts):
+                i = row // sampling.n
+                fn = get_reward_fn(es.prompts.data_sources[i])
+                r = score_safely(fn, text, es.prompts.ground_truths[i], d.reward_timeout_s)
+                preds.append(r.get("pred"))
+                correct.append(bool(r["acc"]))
+                problem_ids.append(es.prompts.problem_ids[i])
+                details.append({"set": es.name, "mode": mode, "problem": es.prompts.problem_ids[i],
+                                "response": text, "pred": r.get("pred"), "acc": bool(r["acc"]),
+                                "ground_truth": es.prompts.ground_truths[i]})
+            if mode == "greedy":
+                metrics[f"eval/{es.name}/greedy_acc"] = sum(correct) / len(correct)
+            else:
+                ks = sorted({1, es.k})
+                summary = summarize_eval(problem_ids, preds, correct, ks=ks, seed=seed)
+                metrics.update({f"eval/{es.name}/{k}": v for k, v in summary.items()})
+    return metrics, details

@@ -1,0 +1,41 @@
+"""Per-token log-probabilities and entropy of responses, chunked so [B, T, V] logits never exist at once."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: 0 at each sequence's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                      temperature: float = 1.0, chunk_tokens: int = 1024, with_entropy: bool = False):
+    """log pi(y_t | x, y_<t) for the response part of ``input_ids`` (and the entropy of pi there).
+
+    input_ids, attention_mask: [B, P + R], prompts left-padded to P, responses right-padded to R.
+    Logits are divided by ``temperature`` so the log-probs are those of the sampling distribution.
+    The vocabulary projection runs on ``chunk_tokens`` positions at a time (float32).
+    Returns logp [B, R] (with grad if enabled) and entropy [B, R] (detached) or None.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+    head = model.get_output_embeddings()
+    b, r = input_ids.shape[0], input_ids.shape[1] - prompt_len
+    states = hidden[:, prompt_len - 1 : -1].reshape(b * r, -1)  # position t predicts token t + 1
+    targets = input_ids[:, prompt_len:].reshape(b * r)
+    logps, ents = [], []
+    for start in range(0, b * r, chunk_tokens):
+        logits = head(states[start : start + chunk_tokens]).float() / temperature
+        logz = torch.logsumexp(logits, dim=-1)
+        tgt = targets[start : start + chunk_tokens]
+        logps.append(logits.gather(-1, tgt[:, None]).squeeze(-1) - logz)
+        if with_entropy:
+            with torch.no_grad():
+                p = F.softmax(logits, dim=-1)
+                ents.append(logz - (p * logits).sum(-1))
+    logp = torch.cat(logps).view(b, r)
+    entropy = torch.cat(ents).view(b, r) if with_entropy else None
+    return logp, entropy

@@ -1,0 +1,157 @@
+"""Reward functions keyed by the ``data_source`` column of a prompt set, and safe ways to call them.
+
+A ``RewardFn`` grades one response: ``fn(response, ground_truth) -> {"score", "acc", "pred"}``.
+``score_safely`` wraps any of them so that an exception or a hang becomes a -1 score with an ``error``.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from rpg.core.registry import Registry
+from rpg.rewards.math import compute_score, compute_score_math_verify, overlong_penalty
+
+RewardFn = Callable[[str, str], dict]
+
+REWARDS: Registry = Registry("reward function (data_source)")
+REWARDS.register("math_dapo", "aime2025", "amc_23", "toy")(compute_score)
+REWARDS.register("math_verify")(compute_score_math_verify)
+
+FAILED_SCORE = -1.0
+
+
+def get_reward_fn(name: str) -> RewardFn:
+    """The reward function registered under ``name``; a KeyError lists the valid names."""
+    return REWARDS[name]
+
+
+class RewardTimeout(TimeoutError):
+    """A reward function ran past its time limit."""
+
+
+class _Deadline(BaseException):
+    """Raised by our SIGALRM handler; a BaseException so that ``except Exception`` cannot swallow it."""
+
+
+def _call_with_timer(fn: Callable, timeout_s: float, args: tuple, kwargs: dict) -> Any:
+    """Main thread: interrupt ``fn`` with an interval timer; an enclosing timer is kept and re-armed."""
+    deadline = _Deadline()
+
+    def on_alarm(signum, frame):
+        raise deadline
+
+    started = time.monotonic()
+    previous_handler = signal.signal(signal.SIGALRM, on_alarm)
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, 0)
+    budget = min(timeout_s, outer_delay) if outer_delay > 0 else timeout_s
+    try:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, budget)
+            return fn(*args, **kwargs)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _Deadline as exc:
+        if exc is not deadline:
+            raise
+        raise RewardTimeout(f"reward function did not finish within {timeout_s:g} s") from None
+    finally:
+        signal.signal(signal.SIGALRM, previous_handler)
+        if outer_delay > 0:  # give the enclosing timer what is left of its time (it fires at once if none)
+            left = outer_delay - (time.monotonic() - started)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-4), outer_interval)
+
+
+def _call_in_thread(fn: Callable, timeout_s: float, args: tuple, kwargs: dict) -> Any:
+    """Other threads: run ``fn`` in a daemon worker; on timeout it is abandoned (it cannot be killed)."""
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller below
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="reward-with-timeout", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise RewardTimeout(f"reward function did not finish within {timeout_s:g} s (worker thread left running)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def call_with_timeout(fn: Callable, timeout_s: float | None, *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)``, raising ``RewardTimeout`` after ``timeout_s`` seconds (None: no limit).
+
+    On the main thread a SIGALRM interval timer interrupts the call (nested calls are fine; code
+    that sets its own ``signal.alarm`` inside would cancel ours). Elsewhere the call runs in a worker
+    thread that is abandoned on timeout.
+    """
+    if timeout_s is None:
+        return fn(*args, **kwargs)
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 seconds or None, got {timeout_s!r}")
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        return _call_with_timer(fn, float(timeout_s), args, kwargs)
+    return _call_in_thread(fn, float(timeout_s), args, kwargs)
+
+
+def _failure(message: str) -> dict:
+    return {"score": FAILED_SCORE, "acc": False, "pred": None, "error": message}
+
+
+def score_safely(fn: RewardFn, response: str, ground_truth: str, timeout_s: float | None = 5.0) -> dict:
+    """``fn(response, ground_truth)`` that never raises (except KeyboardInterrupt / SystemExit).
+
+    An exception, a timeout or a result without a numeric ``score`` gives
+    ``{"score": -1.0, "acc": False, "pred": None, "error": <what happened>}``.
+    """
+    try:
+        result = call_with_timeout(fn, timeout_s, response, ground_truth)
+    except RewardTimeout as exc:
+        return _failure(f"timeout: {exc}")
+    except Exception as exc:  # noqa: BLE001 - the point of this function
+        return _failure(f"{type(exc).__name__}: {exc}")
+    if not isinstance(result, Mapping) or "score" not in result:
+        return _failure(f"reward function returned {type(result).__name__}, expected a dict with a 'score' key")
+    try:
+        score = float(result["score"])
+    except (TypeError, ValueError):
+        return _failure(f"reward function returned a non-numeric score {result['score']!r}")
+    out = dict(result)
+    out["score"] = score
+    out.setdefault("acc", score > 0)
+    out.setdefault("pred", None)
+    return out
+
+
+def score_batch(
+    name_or_fn: str | RewardFn,
+    responses: Sequence[str],
+    ground_truths: Sequence[str],
+    timeout_s: float | None = 5.0,
+) -> list[dict]:
+    """Grade responses one by one with ``score_safely``; a name is looked up in ``REWARDS``."""
+    if len(responses) != len(ground_truths):
+        raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths; give one per response")
+    fn = get_reward_fn(name_or_fn) if isinstance(name_or_fn, str) else name_or_fn
+    return [score_safely(fn, r, gt, timeout_s) for r, gt in zip(responses, ground_truths)]
+
+
+__all__ = [
+    "REWARDS",
+    "RewardFn",
+    "RewardTimeout",
+    "call_with_timeout",
+    "compute_score",
+    "compute_score_math_verify",
+    "get_reward_fn",
+    "overlong_penalty",
+    "score_batch",
+    "score_safely",
+]

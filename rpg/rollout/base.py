@@ -1,0 +1,71 @@
+"""The rollout-engine interface shared by the HF and vLLM engines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1  # samples per prompt (the group size G)
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+
+
+@dataclass
+class Generations:
+    """B = prompts x n rows, sample j of prompt i at row i * n + j.
+
+    prompt_ids/prompt_mask: [B, P] left-padded.  response_ids/response_mask: [B, R] right-padded; the
+    mask covers the tokens up to and including EOS.  truncated: [B] bool, no EOS within max_new_tokens.
+    sampler_logp: [B, R] the engine's own log-probs of the sampled tokens, if it reports them.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    texts: list[str]
+    truncated: torch.Tensor
+    sampler_logp: Optional[torch.Tensor] = None
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> Generations: ...
+
+    def sync_weights(self, model) -> None:
+        """Make the engine sample from ``model``'s current weights."""
+
+    def close(self) -> None: ...
+
+
+def finish_responses(sequences: torch.Tensor, eos_id: int, pad_id: int):
+    """Cut sampled continuations [B, R] at the first EOS (kept): returns ids, mask, truncated."""
+    is_eos = sequences == eos_id
+    seen_before = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    mask = ~seen_before
+    ids = torch.where(mask, sequences, torch.full_like(sequences, pad_id))
+    return ids, mask.long(), ~is_eos.any(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+    return ids, mask

@@ -1,0 +1,50 @@
+"""Rollouts with transformers' ``generate`` on the training model itself (CPU default; no weight sync needed)."""
+
+from __future__ import annotations
+
+import torch
+
+from rpg.rollout.base import Generations, SamplingParams, finish_responses, left_pad
+
+
+class HFEngine:
+    def __init__(self, model, tokenizer, batch_size: int = 512):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+    @torch.no_grad()
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> Generations:
+        tok = self.tokenizer
+        ids, mask = left_pad(prompt_token_ids, tok.pad_token_id)
+        ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
+        was_training = self.model.training
+        self.model.eval()
+        greedy = sampling.temperature == 0
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, do_sample=not greedy)
+        if not greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        device = next(self.model.parameters()).device
+        outs = []
+        for s in range(0, ids.shape[0], self.batch_size):
+            out = self.model.generate(input_ids=ids[s:s + self.batch_size].to(device),
+                                      attention_mask=mask[s:s + self.batch_size].to(device), **kwargs)
+            cont = out[:, ids.shape[1]:].cpu()
+            pad = torch.full((cont.shape[0], sampling.max_new_tokens - cont.shape[1]), tok.pad_token_id, dtype=cont.dtype)
+            outs.append(torch.cat([cont, pad], 1))
+        self.model.train(was_training)
+        resp, resp_mask, truncated = finish_responses(torch.cat(outs), tok.eos_token_id, tok.pad_token_id)
+        resp, resp_mask = _trim(resp, resp_mask)
+        texts = tok.batch_decode(torch.where(resp_mask.bool(), resp, tok.pad_token_id), skip_special_tokens=True)
+        return Generations(ids, mask, resp, resp_mask, texts, truncated)
+
+    def sync_weights(self, model) -> None:
+        assert model is self.model, "the HF engine samples from the training model itself"
+
+    def close(self) -> None:
+        pass
+
+
+def _trim(ids: torch.Tensor, mask: torch.Tensor):
+    """Drop trailing columns that no response uses."""
+    width = max(int(mask.sum(-1).max()), 1)
+    return ids[:, :width], mask[:, :width]

@@ -1,0 +1,125 @@
+"""Sampling and scoring a training batch: rollout -> reward (+ overlong shaping) -> dynamic sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rpg.build import encode_prompts, prompt_texts
+from rpg.data import PromptSet
+from rpg.rewards import score_safely
+from rpg.rewards.math import overlong_penalty
+from rpg.rollout.base import Generations, SamplingParams
+
+
+class DynamicSamplingError(RuntimeError):
+    pass
+
+
+@dataclass
+class ScoredBatch:
+    gens: Generations
+    scores: torch.Tensor  # [B] reward used for learning (score + overlong penalty)
+    acc: torch.Tensor  # [B] 1.0 if correct
+    group_ids: torch.Tensor  # [B]
+    stats: dict[str, float]
+
+
+class PromptSampler:
+    """Draws prompt indices without replacement from a seeded stream of permutations; resumable."""
+
+    def __init__(self, size: int, seed: int):
+        if size == 0:
+            raise ValueError("the training set is empty")
+        self.size, self.seed, self.epoch, self.pos = size, seed, 0, 0
+
+    def _perm(self) -> torch.Tensor:
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+
+    def next(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            take = self._perm()[self.pos : self.pos + n - len(out)].tolist()
+            out += take
+            self.pos += len(take)
+            if self.pos >= self.size:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.epoch, self.pos = s["epoch"], s["pos"]
+
+
+def score(gens: Generations, prompts: PromptSet, n: int, reward_fn, timeout_s: float, max_len: int, buffer: int,
+          penalty_scale: float = 1.0):
+    """Per-response score, correctness and counts of failures; row i*n+j is sample j of prompt i."""
+    scores, acc, errors = [], [], 0
+    for row, text in enumerate(gens.texts):
+        r = score_safely(reward_fn, text, prompts.ground_truths[row // n], timeout_s)
+        errors += "error" in r
+        length = int(gens.response_mask[row].sum())
+        scores.append(r["score"] + (penalty_scale * overlong_penalty(length, max_len, buffer) if buffer else 0.0))
+        acc.append(float(bool(r["acc"])))
+    return torch.tensor(scores), torch.tensor(acc), errors
+
+
+def collect(engine, tokenizer, train: PromptSet, sampler: PromptSampler, cfg, reward_fn) -> ScoredBatch:
+    """Sample prompts_per_step groups of G responses; with dynamic sampling keep only groups whose
+    rewards differ, drawing more prompt batches until the batch is full (at most max_gen_batches)."""
+    a, r, d = cfg.algo, cfg.rollout, cfg.data
+    n, want = r.samples_per_prompt, r.prompts_per_step
+    sampling = SamplingParams(n=n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=d.max_response_len)
+    buffer = int(a.overlong_buffer_frac * d.max_response_len)
+    kept: list[tuple] = []
+    rounds = dropped = errors = truncated_prompts = 0
+    while len(kept) < want:
+        if rounds == a.max_gen_batches:
+            raise DynamicSamplingError(
+                f"dynamic sampling found {len(kept)} of {want} prompt groups with mixed rewards after "
+                f"{rounds} generation rounds; raise algo.max_gen_batches, rollout.samples_per_prompt, "
+                "or set algo.dynamic_sampling=false")
+        rounds += 1
+        prompts = train.select(sampler.next(want))
+        ids, cut = encode_prompts(prompt_texts(prompts, tokenizer, d.chat_template), tokenizer, d.max_prompt_len)
+        truncated_prompts += cut
+        gens = engine.generate(ids, sampling)
+        scores, acc, errs = score(gens, prompts, n, reward_fn, d.reward_timeout_s, d.max_response_len, buffer,
+                                  a.overlong_penalty)
+        errors += errs
+        for i in range(want):
+            rows = slice(i * n, (i + 1) * n)
+            if a.dynamic_sampling and bool((scores[rows] == scores[rows][0]).all()):
+                dropped += 1
+                continue
+            kept.append((gens, rows, scores[rows], acc[rows]))
+    kept = kept[:want]
+    gens = _concat([_rows(g, s) for g, s, _, _ in kept])
+    scores = torch.cat([s for _, _, s, _ in kept])
+    acc = torch.cat([x for _, _, _, x in kept])
+    stats = {"rollout/gen_rounds": rounds, "rollout/groups_dropped": dropped, "reward/errors": errors,
+             "data/prompts_truncated": truncated_prompts}
+    return ScoredBatch(gens, scores, acc, torch.arange(want).repeat_interleave(n), stats)
+
+
+def _rows(g: Generations, rows: slice) -> Generations:
+    return Generations(g.prompt_ids[rows], g.prompt_mask[rows], g.response_ids[rows], g.response_mask[rows],
+                       g.texts[rows], g.truncated[rows], None if g.sampler_logp is None else g.sampler_logp[rows])
+
+
+def _concat(parts: list[Generations]) -> Generations:
+    """Stack generations from several rounds, re-padding prompts (left) and responses (right)."""
+    if len(parts) == 1:
+        return parts[0]
+    p = max(g.prompt_ids.shape[1] for g in parts)
+    r = max(g.response_ids.shape[1] for g in parts)
+    pad_l = lambda t, w: torch.nn.functional.pad(t, (w - t.shape[1], 0))
+    pad_r = lambda t, w: torch.nn.functional.pad(t, (0, w - t.shape[1]))
+    return Generations(
+        torch.cat([pad_l(g.prompt_ids, p) for g in parts]), torch.cat([pad_l(g.prompt_mask, p) for g in parts]),
+        torch.cat([pad_r(g.response_ids, r) for g in parts]), torch.cat([pad_r(g.response_mask, r) for g in parts]),
+        sum((g.texts for g in parts), []), torch.cat([g.truncated for g in parts]),
+        None if parts[0].sampler_logp is None else torch.cat([pad_r(g.sampler_logp, r) for g in parts]))

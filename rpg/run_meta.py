@@ -1,0 +1,50 @@
+"""Run identity: config hash, git state, run name, and how a run is stopped (signals)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: Keys that do not change what a run computes; left out of the config hash.
+NON_SEMANTIC_KEYS = ("tracking", "resume", "out_dir", "sweep", "cache_dir")
+
+
+def config_hash(cfg) -> str:
+    d = OmegaConf.to_container(cfg, resolve=True)
+    for k in NON_SEMANTIC_KEYS:
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def git_state() -> tuple[str, bool]:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        return git("rev-parse", "HEAD") or "unknown", bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+
+
+def run_name(cfg) -> str:
+    return f"{cfg.algo.name}-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}"
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: the run stops, is marked KILLED, and can be resumed from its last checkpoint."""
+
+
+def raise_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise Terminated(f"received signal {signum}")
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals to the host
+        pass

@@ -1,0 +1,95 @@
+"""One policy update on a rollout batch: epochs x mini-batches (optimizer steps) x micro-batches (accumulation).
+
+The loss of each micro-batch is normalised by the totals of its whole mini-batch (BatchTotals), so the
+accumulated gradient is exactly the mini-batch gradient for every aggregation mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rpg.core.losses import BatchTotals, LossParams
+from rpg.logprobs import response_logprobs
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised instead of taking a step on a nan/inf loss or gradient."""
+
+
+@dataclass
+class RolloutBatch:
+    """Everything the update needs; rows are responses.  input_ids/attention_mask [B, P + R];
+    response_mask, old_logp, ref_logp [B, R]; advantages [B]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    advantages: torch.Tensor
+    prompt_len: int
+
+    def rows(self, idx: torch.Tensor) -> "RolloutBatch":
+        """A subset of rows, trimmed to the longest response it holds."""
+        width = max(int(self.response_mask[idx].sum(-1).max()), 1)
+        p = self.prompt_len
+        return RolloutBatch(self.input_ids[idx, : p + width], self.attention_mask[idx, : p + width],
+                            self.response_mask[idx, :width], self.old_logp[idx, :width],
+                            self.ref_logp[idx, :width], self.advantages[idx], p)
+
+
+_MAX_METRICS = ("is/weight_max",)
+
+
+def policy_update(model, optimizer, scheduler, batch: RolloutBatch, loss_fn: Callable, params: LossParams, *,
+                  epochs: int, mini_batch_size: int, micro_batch_size: int, grad_clip: float,
+                  temperature: float, chunk_tokens: int, generator: torch.Generator) -> dict[str, float]:
+    """Run the optimizer steps of one RL step; returns averaged metrics (max for maxima)."""
+    model.train()
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    n = batch.input_ids.shape[0]
+    steps = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, mini_batch_size):
+            mini = order[start : start + mini_batch_size]
+            totals = BatchTotals.of(batch.response_mask[mini].float())
+            for m_start in range(0, len(mini), micro_batch_size):
+                micro = batch.rows(mini[m_start : m_start + micro_batch_size])
+                logp, _ = response_logprobs(model, micro.input_ids, micro.attention_mask, micro.prompt_len,
+                                            temperature, chunk_tokens)
+                out = loss_fn(logp, micro.old_logp, micro.ref_logp, micro.advantages,
+                              micro.response_mask.float(), params, totals)
+                if not torch.isfinite(out.loss):
+                    raise NonFiniteLossError(
+                        f"loss is {out.loss.item()} at optimizer step {steps}; metrics: "
+                        f"{ {k: round(v.item(), 4) for k, v in out.metrics.items()} }. Lower optim.lr, "
+                        "tighten clipping (algo.clip_low/clip_high) or use level=token.")
+                out.loss.backward()
+                _accumulate(sums, counts, out.metrics)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteLossError(f"gradient norm is {grad_norm.item()} at optimizer step {steps}; lower optim.lr")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            _accumulate(sums, counts, {"optim/grad_norm": grad_norm})
+    metrics = {k: (sums[k] if k in _MAX_METRICS else sums[k] / counts[k]) for k in sums}
+    metrics["optim/steps"] = steps
+    metrics["optim/lr"] = scheduler.get_last_lr()[0]
+    return metrics
+
+
+def _accumulate(sums: dict, counts: dict, metrics: dict) -> None:
+    for k, v in metrics.items():
+        v = float(v)
+        if k in _MAX_METRICS:
+            sums[k] = max(sums.get(k, float("-inf")), v)
+        else:
+            sums[k] = sums.get(k, 0.0) + v
+        counts[k] = counts.get(k, 0) + 1
