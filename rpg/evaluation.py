@@ -36,5 +36,6 @@ def evaluate_policy(engine, tokenizer, eval_sets: list[EvalSet], cfg, seed: int 
             else:
                 ks = sorted({1, es.k})
                 summary = summarize_eval(problem_ids, preds, correct, ks=ks, seed=seed)
-                metrics.update({f"eval/{es.name}/{k}": v for k, v in summary.items()})
+                # MLflow refuses "@" in metric names: mean@4 is logged as mean_at_4.
+                metrics.update({f"eval/{es.name}/{k.replace('@', '_at_')}": v for k, v in summary.items()})
     return metrics, details
