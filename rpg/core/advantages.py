@@ -21,10 +21,10 @@ def _group_stats(rewards: torch.Tensor, group_ids: torch.Tensor):
     """Per-response group mean, unbiased group std and group size."""
     _, inverse = torch.unique(group_ids, return_inverse=True)
     k = int(inverse.max()) + 1
-    count = torch.zeros(k, dtype=rewards.dtype).index_add_(0, inverse, torch.ones_like(rewards))
-    total = torch.zeros(k, dtype=rewards.dtype).index_add_(0, inverse, rewards)
+    count = rewards.new_zeros(k).index_add_(0, inverse, torch.ones_like(rewards))
+    total = rewards.new_zeros(k).index_add_(0, inverse, rewards)
     mean = (total / count)[inverse]
-    sq = torch.zeros(k, dtype=rewards.dtype).index_add_(0, inverse, (rewards - mean) ** 2)
+    sq = rewards.new_zeros(k).index_add_(0, inverse, (rewards - mean) ** 2)
     std = (sq / (count - 1).clamp(min=1)).sqrt()[inverse]
     return mean, std, count[inverse]
 

@@ -20,7 +20,7 @@ from rpg.core.common_metrics import sample_metrics
 from rpg.core.divergences import KL_ESTIMATORS, k3
 from rpg.core.masked import aggregate
 from rpg.core.rpg_losses import POLICY_LOSSES
-from rpg.core.samples import build_samples
+from rpg.core.samples import build_samples, zero_padding
 from rpg.core.types import BatchTotals, LossOutput, LossParams
 
 
@@ -40,21 +40,22 @@ def _ppo_with_penalty(penalty: torch.Tensor | None, s, logp, ref_logp, mask, par
 def _token_samples(logp, old_logp, ref_logp, advantages, mask, params: LossParams, name: str):
     if params.level != "token":
         raise ValueError(f"{name} is a token-level loss; set level=token (got level={params.level!r})")
-    return build_samples(logp, old_logp, ref_logp, advantages, mask, params)
+    s = build_samples(logp, old_logp, ref_logp, advantages, mask, params)
+    return s, *zero_padding(mask, logp, ref_logp.detach())
 
 
 @POLICY_LOSSES.register("grpo")
 def grpo(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None) -> LossOutput:
     """GRPO: per token  max(-w A, -clip(w) A) + beta * k3(pi_ref/pi_theta)  (Shao et al. 2024; paper Section 2.2)."""
-    s = _token_samples(logp, old_logp, ref_logp, advantages, mask, params, "grpo")
-    return _ppo_with_penalty(k3(logp, ref_logp.detach()), s, logp, ref_logp, mask, params, totals)
+    s, logp, ref_logp = _token_samples(logp, old_logp, ref_logp, advantages, mask, params, "grpo")
+    return _ppo_with_penalty(k3(logp, ref_logp), s, logp, ref_logp, mask, params, totals)
 
 
 @POLICY_LOSSES.register("grpo_is")
 def grpo_is(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None) -> LossOutput:
     """GRPO with the importance-weighted KL: per token  max(-w A, -clip(w) A) + beta * w * k3(pi_ref/pi_theta)."""
-    s = _token_samples(logp, old_logp, ref_logp, advantages, mask, params, "grpo_is")
-    return _ppo_with_penalty(s.w * k3(logp, ref_logp.detach()), s, logp, ref_logp, mask, params, totals)
+    s, logp, ref_logp = _token_samples(logp, old_logp, ref_logp, advantages, mask, params, "grpo_is")
+    return _ppo_with_penalty(s.w * k3(logp, ref_logp), s, logp, ref_logp, mask, params, totals)
 
 
 @POLICY_LOSSES.register("ppo_clip", "dapo", "reinforce_pp", "reinforce_pp_baseline")
@@ -64,8 +65,10 @@ def ppo_clip(logp, old_logp, ref_logp, advantages, mask, params: LossParams, tot
     Used by dapo (no KL, clip-higher (0.2, 0.28), token-mean) and reinforce_pp / reinforce_pp_baseline
     (k1 in the loss with beta = 1e-4 against ref = old).  k_X from params.kl_estimator (None = no KL term).
     """
-    s = _token_samples(logp, old_logp, ref_logp, advantages, mask, params, "ppo_clip")
+    s, logp, ref_logp = _token_samples(logp, old_logp, ref_logp, advantages, mask, params, "ppo_clip")
+    if params.kl_coef > 0 and params.kl_estimator is None:
+        raise ValueError("ppo_clip with kl_coef > 0 needs kl_estimator (k1, k2 or k3); or set kl_coef=0")
     penalty = None
     if params.kl_estimator is not None and params.kl_coef > 0:
-        penalty = KL_ESTIMATORS[params.kl_estimator](logp, ref_logp.detach())
+        penalty = KL_ESTIMATORS[params.kl_estimator](logp, ref_logp)
     return _ppo_with_penalty(penalty, s, logp, ref_logp, mask, params, totals)

@@ -8,7 +8,7 @@ from rpg.core.types import BatchTotals
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    """Sum of x where mask > 0; padded entries are dropped (not multiplied), so inf/nan there is harmless."""
+    """Sum of x where mask > 0; padded entries are dropped, not multiplied (inf/nan there cannot leak into the value)."""
     x = torch.where(mask > 0, x, torch.zeros_like(x))
     return x.sum() if dim is None else x.sum(dim)
 

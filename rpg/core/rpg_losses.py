@@ -50,7 +50,8 @@ def reinforce_loss(kl: str, logp, old_logp, ref_logp, advantages, mask, params: 
     With clip bounds set, RPG-Style Clip (Section 4.1, Algorithm 2): write Weight = w * A_reg with
     A_reg = A + SG(C)/SG(w), C = beta * kl_weight the KL part of the weight, and psi = A_reg * (-log pi).
     The sample keeps the loss psi * SG(w) (same gradient as unclipped) when psi >= 0 and w < 1 + eps_high,
-    or when psi < 0 and 1 - eps_low < w < c; otherwise it is the constant psi * bound (no gradient).
+    or when psi < 0 and 1 - eps_low < w < c; otherwise it is frozen (no gradient) at its value at the
+    boundary, (A + SG(C)/bound) * SG(l) * bound with bound = 1 + eps_high, 1 - eps_low or c (Algorithm 2).
     Unclipped this has exactly the per-sample gradient of ``fully_differentiable_loss`` (Proposition 4.1).
     """
     s = build_samples(logp, old_logp, ref_logp, advantages, mask, params)
@@ -58,10 +59,12 @@ def reinforce_loss(kl: str, logp, old_logp, ref_logp, advantages, mask, params: 
     kl_part = params.kl_coef * RPG_KL_WEIGHTS[kl](w, d, rho)
     weight = w * s.adv + kl_part
     per_sample = -weight * s.logpi
-    psi = (s.adv + kl_part / w) * (-s.logpi.detach())
+    nll = -s.logpi.detach()
+    psi = (s.adv + kl_part / w) * nll
     branches = clip_branches(w, psi >= 0, params)
     if params.clipped:
-        per_sample = torch.where(branches.active, per_sample, psi * branches.bound)
+        frozen = (s.adv * branches.bound + kl_part) * nll
+        per_sample = torch.where(branches.active, per_sample, frozen)
     loss = aggregate(per_sample, mask, params.agg, totals)
     metrics = {"loss/pg": loss.detach(), "adv/reg_mean": _valid_mean(weight / w, s.valid),
                **clip_metrics(branches, s.valid), **sample_metrics(s, logp, ref_logp, mask)}

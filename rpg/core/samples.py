@@ -42,14 +42,20 @@ def check_inputs(logp, old_logp, ref_logp, advantages, mask) -> None:
         raise ValueError("mask has no valid token: every response in the batch is empty")
 
 
+def zero_padding(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Replace padded entries by 0 so that -inf/nan there cannot reach a gradient (0 * inf = nan)."""
+    return tuple(torch.where(mask > 0, t, torch.zeros_like(t)) for t in tensors)
+
+
 def build_samples(logp, old_logp, ref_logp, advantages, mask, params: LossParams) -> Samples:
     """Token level: w_t = exp(logp_t - old_t), d_t = logp_t - ref_t, logpi = logp_t.
     Sequence level: s = sum_t m (logp - old), w = exp(s), logpi = sum_t m logp,
     d = sum_t m (logp - ref), rho = exp(sum_t m (ref - old)).
     """
     check_inputs(logp, old_logp, ref_logp, advantages, mask)
+    logp, old_logp, ref_logp = zero_padding(mask, logp, old_logp.detach(), ref_logp.detach())
     mask = mask.to(logp.dtype)
-    old_logp, ref_logp, advantages = old_logp.detach(), ref_logp.detach(), advantages.detach().to(logp.dtype)
+    advantages = advantages.detach().to(logp.dtype)
     if params.level == "token":
         logpi, log_w, d, log_rho = logp, logp - old_logp, logp - ref_logp, ref_logp - old_logp
         adv = advantages[:, None].expand_as(logp)
