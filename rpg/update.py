@@ -67,8 +67,9 @@ def policy_update(model, optimizer, scheduler, batch: RolloutBatch, loss_fn: Cal
                 if not torch.isfinite(out.loss):
                     raise NonFiniteLossError(
                         f"loss is {out.loss.item()} at optimizer step {steps}; metrics: "
-                        f"{ {k: round(v.item(), 4) for k, v in out.metrics.items()} }. Lower optim.lr, "
-                        "tighten clipping (algo.clip_low/clip_high) or use level=token.")
+                        f"{ {k: round(v.item(), 4) for k, v in out.metrics.items()} }; advantages finite: "
+                        f"{bool(torch.isfinite(micro.advantages).all())}. Check the reward function, lower "
+                        "optim.lr, tighten clipping (algo.clip_low/clip_high) or use algo.level=token.")
                 out.loss.backward()
                 _accumulate(sums, counts, out.metrics)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -34,6 +34,12 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def fast_overrides(cache_dir) -> list[str]:
+    """FAST plus the session cache, for command lines."""
+    return FAST + [f"cache_dir={cache_dir}"]
+
+
+@pytest.fixture
 def make_cfg(tmp_path, cache_dir):
     """``make_cfg(*overrides)`` -> the composed run config, writing into tmp_path."""
     register_configs()

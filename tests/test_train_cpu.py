@@ -1,0 +1,156 @@
+"""End-to-end CPU runs of the trainer on the tiny model: every algorithm, KL, clipping, failures."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from rpg.checkpoint import load_latest_checkpoint
+from rpg.config import ConfigError
+from rpg.train import run
+from rpg.update import NonFiniteLossError
+
+REPO = Path(__file__).resolve().parents[1]
+ALGOS = sorted(Path(p).stem for p in glob.glob(str(REPO / "conf" / "algo" / "*.yaml")))
+
+
+def final_params(cfg) -> dict[str, torch.Tensor]:
+    return load_latest_checkpoint(Path(cfg.out_dir) / "checkpoints")["model"]
+
+
+def initial_params(cfg) -> dict[str, torch.Tensor]:
+    from rpg.build import build_policy
+
+    return {k: v.clone() for k, v in build_policy(cfg)[0].state_dict().items()}
+
+
+def max_change(a, b) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_every_algorithm_config_is_tested():
+    assert len(ALGOS) == 13 and "rpg_rf_urkl" in ALGOS and "reinforce_pp_baseline" in ALGOS
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_every_algo_trains_end_to_end(make_cfg, algo):
+    cfg = make_cfg(f"algo={algo}")
+    before = initial_params(cfg)
+    metrics = run(cfg)
+    assert max_change(final_params(cfg), before) > 1e-6, f"{algo} did not change the parameters"
+    for key in ("train/score_mean", "train/entropy", "kl/k3", "is/weight_mean", "clip/frac_zero_grad",
+                "optim/grad_norm", "optim/lr", "perf/tokens_per_s", "eval/toy/greedy_acc", "eval/toy/pass_at_2"):
+        assert key in metrics and metrics[key] == metrics[key], key  # present and not nan
+
+
+def test_kl_coefficient_changes_the_update(make_cfg, tmp_path):
+    # Two mini-batches per step: the second is off-policy, so the URKL term (zero at w = 1) acts.
+    common = ["algo=rpg_rf_urkl", "ppo.mini_batch_size=8", "optim.lr=1e-2"]
+    a = make_cfg(*common, "algo.kl_coef=0.0", out_dir=tmp_path / "a")
+    b = make_cfg(*common, "algo.kl_coef=1.0", out_dir=tmp_path / "b")
+    run(a), run(b)
+    assert max_change(final_params(a), final_params(b)) > 1e-4
+
+
+def test_clipping_engages_off_policy(make_cfg):
+    # Four epochs over the same batch at a large step size push w out of [0.8, 1.28].
+    metrics = run(make_cfg("algo=rpg_rf_urkl", "ppo.epochs=4", "ppo.mini_batch_size=8", "optim.lr=5e-2"))
+    assert metrics["clip/frac_zero_grad"] > 0
+    assert metrics["is/weight_max"] > 1.28
+
+
+def test_non_finite_loss_stops_the_run_and_marks_it_failed(make_cfg, tmp_path):
+    # A buggy reward function that returns nan makes the advantages, hence the loss, nan.
+    from rpg.rewards import REWARDS
+
+    if "nan_reward" not in REWARDS:
+        REWARDS.register("nan_reward")(lambda response, truth: {"score": float("nan"), "acc": False})
+    cfg = make_cfg("data.reward=nan_reward", "steps=3", tracking=True)
+    with pytest.raises(NonFiniteLossError, match="loss is nan.*advantages finite: False"):
+        run(cfg)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    artifacts = [f.path for f in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)]
+    assert "traceback.txt" in artifacts
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ppo.mini_batch_size=5", "must divide the batch"),
+    ("algo.clip_low=1.5", "clip_low must be in"),
+    ("algo.loss=nope", "valid|use one of"),
+    ("algo.ref_update=sometimes", "ref_update"),
+])
+def test_inconsistent_config_fails_before_work(make_cfg, override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        run(make_cfg(override))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unknown_names_fail_at_composition(make_cfg):
+    with pytest.raises(MissingConfigException, match="rpg_nope"):
+        make_cfg("algo=rpg_nope")
+    with pytest.raises(ConfigCompositionException, match="not_a_key"):
+        make_cfg("+algo.not_a_key=1")
+
+
+def metric_histories(uri: str, run_id: str) -> dict[str, dict[int, float]]:
+    """Last logged value per (metric, step), leaving out wall-clock timings."""
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    out = {}
+    for key in client.get_run(run_id).data.metrics:
+        if key.startswith("perf/"):
+            continue
+        hist = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        out[key] = {m.step: m.value for m in hist}
+    return out
+
+
+def test_killed_run_resumes_to_the_same_result(make_cfg, tmp_path, fast_overrides):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps = ["steps=5", "eval_every=2"]
+    straight = make_cfg(*steps, out_dir=tmp_path / "straight", tracking=True)
+    run(straight)
+
+    killed_dir = tmp_path / "killed"
+    cfg = make_cfg(*steps, out_dir=killed_dir, tracking=True)
+    overrides = fast_overrides + steps + [f"out_dir={killed_dir}", f"tracking.uri={cfg.tracking.uri}",
+                                f"hydra.run.dir={tmp_path / 'hydra'}"]
+    proc = subprocess.Popen([sys.executable, "-m", "rpg.main", *overrides], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (killed_dir / "checkpoints" / "step_2.pt").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "the run never reached step 2"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    run_id = (killed_dir / "run_id.txt").read_text().strip()
+    assert mlflow.MlflowClient(tracking_uri=cfg.tracking.uri).get_run(run_id).info.status == "KILLED"
+    assert not (killed_dir / "checkpoints" / "step_5.pt").exists()
+
+    run(cfg)  # resume=auto picks up the last checkpoint and the same MLflow run
+    assert (killed_dir / "run_id.txt").read_text().strip() == run_id
+    a, b = final_params(straight), final_params(cfg)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed parameters differ from the uninterrupted run"
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    straight_id = (tmp_path / "straight" / "run_id.txt").read_text().strip()
+    ha, hb = metric_histories(cfg.tracking.uri, straight_id), metric_histories(cfg.tracking.uri, run_id)
+    assert ha.keys() == hb.keys()
+    for key in ha:
+        assert ha[key].keys() == hb[key].keys(), key
+        for step in ha[key]:
+            assert ha[key][step] == pytest.approx(hb[key][step], rel=1e-6, abs=1e-9), (key, step)
+    assert sorted(hb["train/acc"]) == [1, 2, 3, 4, 5]
