@@ -49,6 +49,14 @@ def score_logprobs(model, gens, cfg, with_entropy=False):
     return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
 
+def engine_options(cfg) -> dict:
+    e = cfg.engine
+    if e.rollout != "vllm":
+        return {}
+    return {"dtype": e.dtype, "gpu_memory_utilization": e.vllm_gpu_memory_utilization,
+            "kv_cache_memory_bytes": e.vllm_kv_cache_bytes, "seed": cfg.seed}
+
+
 def run(cfg) -> dict[str, float]:
     validate(cfg)
     out_dir = Path(cfg.out_dir or Path.cwd()).resolve()
@@ -60,7 +68,7 @@ def run(cfg) -> dict[str, float]:
 
     model, tokenizer, info = build_policy(cfg)
     train_set, eval_sets = build_data(cfg)
-    engine = make_engine(cfg.engine.rollout, model, tokenizer)
+    engine = make_engine(cfg.engine.rollout, model, tokenizer, **engine_options(cfg))
     optimizer, scheduler = build_optimizer(cfg, model)
     reference = Reference(model, cfg.algo.ref_update, cfg.algo.ref_update_k, cfg.algo.ref_kl_threshold, cfg.algo.ref_kl_ema)
     sampler = PromptSampler(len(train_set), cfg.seed)
