@@ -25,6 +25,7 @@ from rpg.logprobs import response_logprobs
 from rpg.reference import Reference
 from rpg.rewards import get_reward_fn
 from rpg.rollout import make_engine
+from rpg.rollout.mismatch import mismatch_metrics
 from rpg.rollouts import PromptSampler, collect
 from rpg.run_meta import Terminated, config_hash, git_state, raise_on_sigterm, run_name
 from rpg.tracking import MLflowTracker, NullTracker
@@ -138,6 +139,8 @@ def run(cfg) -> dict[str, float]:
             t_end = time.perf_counter()
             lengths = mask.sum(-1)
             metrics.update(batch.stats)
+            if gens.sampler_logp is not None:  # vLLM: how far the sampler is from the trainer
+                metrics.update(mismatch_metrics(gens.sampler_logp, old_logp, mask))
             metrics.update({
                 "train/score_mean": batch.scores.mean().item(), "train/acc": batch.acc.mean().item(),
                 "train/response_length_mean": lengths.mean().item(), "train/response_length_max": lengths.max().item(),

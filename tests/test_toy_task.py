@@ -1,0 +1,107 @@
+"""The synthetic addition task (splits, formats, parquet) and the cached supervised warm start."""
+
+import json
+import time
+
+import pandas as pd
+import pytest
+
+from rpg.models.tiny import load_tiny
+from rpg.toy_task import (
+    MAX_RESPONSE_TOKENS,
+    column_sums,
+    extract_answer,
+    format_response,
+    is_correct,
+    split_pairs,
+    toy_problems,
+    toy_sft_pairs,
+    write_parquet,
+)
+from rpg.warmstart import WarmStartConfig, greedy_accuracy, load_meta, warm_start
+
+
+def test_splits_are_disjoint_even_up_to_commutativity():
+    s = split_pairs(seed=0)
+    train, test = set(s["train"]), set(s["test"])
+    assert len(test) == len(s["test"]) == 500 and len(train) == len(s["train"])
+    assert not train & test
+    assert not {(b, a) for a, b in train} & test
+    # every 2-digit pair is used once, except the dropped order of at most one test pair
+    assert 90 * 90 - 1 <= len(train) + len(test) <= 90 * 90
+    assert all(10 <= a <= 99 and 10 <= b <= 99 for a, b in train | test)
+
+
+def test_splits_are_deterministic_and_seeded():
+    assert toy_problems("test", seed=0) == toy_problems("test", seed=0)
+    assert toy_problems("train", seed=0) == toy_problems("train", seed=0)
+    assert set(toy_problems("test", seed=0)) != set(toy_problems("test", seed=1))
+    assert len(toy_problems("test", n_test=37)) == 37
+
+
+def test_bad_arguments_say_what_to_set():
+    with pytest.raises(ValueError, match="set split"):
+        toy_problems("val")
+    with pytest.raises(ValueError, match="digits"):
+        toy_problems("test", digits=5)
+
+
+def test_formats_and_grading():
+    assert column_sums(47, 85) == [12, 13]
+    assert column_sums(10, 10) == [0, 2]
+    assert format_response(47, 85) == "12,13\nAnswer: 132"
+    prompt, truth = toy_problems("train")[0]
+    sft_prompt, response = toy_sft_pairs("train")[0]
+    assert sft_prompt == prompt and prompt.endswith("=?\n") and extract_answer(response) == truth
+    a, b = (int(x) for x in prompt[:-3].split("+"))
+    assert int(truth) == a + b
+    assert max(len(r) for _, r in toy_sft_pairs("train")) + 1 == MAX_RESPONSE_TOKENS  # + <eos>
+    assert is_correct("9,14\nAnswer: 149", "149")
+    assert is_correct("answer:149\nAnswer : 150 ", "150")  # last match wins, stripped
+    assert not is_correct("Answer: 149x", "149")
+    assert not is_correct("Answer: 14", "149")
+    assert not is_correct("149", "149")
+
+
+def test_parquet_has_the_verl_schema(tmp_path):
+    path = write_parquet(tmp_path / "toy" / "test.parquet", "test", n_test=20)
+    df = pd.read_parquet(path)
+    assert list(df.columns) == ["data_source", "prompt", "ability", "reward_model", "extra_info"]
+    assert len(df) == 20 and set(df["data_source"]) == {"toy"}
+    row = df.iloc[3]
+    prompt, truth = toy_problems("test", n_test=20)[3]
+    assert list(row["prompt"]) == [{"role": "user", "content": prompt}]
+    assert row["reward_model"] == {"ground_truth": truth, "style": "rule"}
+    assert row["extra_info"] == {"index": 3, "raw_problem": prompt.strip(), "split": "test"}
+
+
+TINY_SFT = dict(sft_steps=4, batch=8, warmup_steps=1, target_acc=0.0, eval_problems=16, n_test=50)
+
+
+def test_warm_start_is_cached_by_settings(tmp_path):
+    cfg = WarmStartConfig(cache_dir=str(tmp_path), **TINY_SFT)
+    path = warm_start(cfg, progress=False)
+    meta = load_meta(path)
+    assert path.parent == tmp_path and path.name == cfg.key() == meta["key"]
+    assert meta["steps"] == 4 and meta["heldout_problems"] == 16
+    assert 0.0 <= meta["heldout_greedy_acc"] <= 1.0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp dir renamed away
+
+    t = time.perf_counter()
+    again = warm_start(dict(cache_dir=str(tmp_path), **TINY_SFT), progress=False)
+    assert again == path and time.perf_counter() - t < 0.5
+    assert json.loads((again / "warmstart.json").read_text()) == meta
+
+    other = warm_start(cfg, progress=False, seed=1)
+    assert other != path and other.parent == tmp_path
+    model, tok = load_tiny(path)
+    acc = greedy_accuracy(model, tok, toy_problems("test", n_test=50)[:16])
+    assert acc == pytest.approx(meta["heldout_greedy_acc"], abs=1e-12)
+
+
+def test_warm_start_key_ignores_cache_dir_only():
+    base = WarmStartConfig()
+    assert WarmStartConfig(cache_dir="/elsewhere").key() == base.key()
+    assert WarmStartConfig(lr=1e-3).key() != base.key()
+    with pytest.raises(ValueError, match="unknown warm-start settings"):
+        WarmStartConfig.from_mapping({"learning_rate": 1e-3})
