@@ -6,6 +6,7 @@ import hashlib
 import json
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -16,7 +17,8 @@ NON_SEMANTIC_KEYS = ("tracking", "resume", "out_dir", "sweep", "cache_dir")
 
 
 def config_hash(cfg) -> str:
-    d = OmegaConf.to_container(cfg, resolve=True)
+    """Hash of the resolved config without NON_SEMANTIC_KEYS; ``cfg`` may be an already resolved dict."""
+    d = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     for k in NON_SEMANTIC_KEYS:
         d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -36,12 +38,22 @@ def run_name(cfg) -> str:
     return f"{cfg.algo.name}-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}"
 
 
-class Terminated(Exception):
-    """SIGTERM arrived: the run stops, is marked KILLED, and can be resumed from its last checkpoint."""
+class Terminated(BaseException):
+    """SIGTERM arrived: the run stops, is marked KILLED, and can be resumed from its last checkpoint.
+
+    A BaseException (like KeyboardInterrupt), so that job wrappers which catch ``Exception`` (submitit,
+    Hydra's run_job) do not record an interruption as the job's error: a requeued job is not failed.
+    """
 
 
 def raise_on_sigterm() -> None:
+    """SIGTERM raises :class:`Terminated`, unless the run is already stopping (a SystemExit,
+    KeyboardInterrupt or Terminated is being handled): then the shutdown (MLflow flush, status) is left
+    to finish. SLURM sends SIGTERM right after a job requeues itself on USR2 (submitit's SystemExit)."""
+
     def handler(signum, frame):
+        if isinstance(sys.exc_info()[1], (SystemExit, KeyboardInterrupt, Terminated)):
+            return
         raise Terminated(f"received signal {signum}")
 
     try:

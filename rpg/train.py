@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 import time
 import traceback
@@ -50,6 +51,17 @@ def score_logprobs(model, gens, cfg, with_entropy=False):
     return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
 
+def tracking_uri(cfg) -> str | None:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else mlflow.db in the directory the command was run from
+    (not Hydra's per-run directory, so all runs of a sweep share one store)."""
+    if cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return cfg.tracking.uri
+    from hydra.core.hydra_config import HydraConfig
+
+    launch_dir = Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
+    return f"sqlite:///{launch_dir / 'mlflow.db'}"
+
+
 def engine_options(cfg) -> dict:
     e = cfg.engine
     if e.rollout != "vllm":
@@ -92,7 +104,7 @@ def run(cfg) -> dict[str, float]:
     elif cfg.resume == "auto" and (out_dir / "run_id.txt").is_file():
         run_id = (out_dir / "run_id.txt").read_text().strip()  # crashed before its first checkpoint
 
-    tracker = MLflowTracker(cfg.tracking.uri, output_dir=out_dir) if cfg.tracking.enabled else NullTracker()
+    tracker = MLflowTracker(tracking_uri(cfg), output_dir=out_dir) if cfg.tracking.enabled else NullTracker()
     sha, dirty = git_state()
     tags = {"algo": cfg.algo.name, "seed": cfg.seed, "model": cfg.model.name, "data": cfg.data.name,
             "sweep": cfg.sweep, "config_hash": config_hash(cfg), "git_sha": sha, "git_dirty": dirty,
