@@ -5,7 +5,9 @@ scratchpad of column sums, least significant first, each including the carry fro
 column (7+5=12; 4+8+1=13), then the final line that the ``math_dapo`` grader reads. The scratchpad
 makes each token a one-step computation, which a 2-layer model learns in a few hundred SFT steps
 (answering directly was still near 10% greedy accuracy after 800). With ``digits=2`` prompts are
-8 characters and targets 15-17 plus ``<eos>``, so rollouts need at most 18 new tokens.
+8 characters and targets 14-17 plus ``<eos>``, so rollouts need at most 18 new tokens.
+Careless variants (a forgotten carry, e.g. ``"12,12\\nAnswer: 122"`` or ``"12,13\\nAnswer: 32"``)
+serve as the flawed demonstrations of the warm start (see ``rpg.warmstart``).
 
 Splits are by *unordered* operand pair: if ``a+b`` is held out, so is ``b+a``, so a held-out
 problem is never in training even up to commutativity. The split depends only on ``seed``, ``digits``
@@ -122,9 +124,12 @@ def toy_problems(split: str, seed: int = 0, digits: int = 2, n_test: int = 500) 
     return [(format_prompt(a, b), str(a + b)) for a, b in _pairs(split, seed, digits, n_test)]
 
 
-def toy_sft_pairs(split: str, seed: int = 0, digits: int = 2, n_test: int = 500) -> list[tuple[str, str]]:
-    """``[(prompt_text, target_response), ...]`` for supervised training."""
-    return [(format_prompt(a, b), format_response(a, b)) for a, b in _pairs(split, seed, digits, n_test)]
+def toy_sft_pairs(
+    split: str, seed: int = 0, digits: int = 2, n_test: int = 500
+) -> list[tuple[str, str]]:
+    """``[(prompt_text, correct_response), ...]`` for supervised training."""
+    pairs = _pairs(split, seed, digits, n_test)
+    return [(format_prompt(a, b), format_response(a, b)) for a, b in pairs]
 
 
 def toy_records(split: str, seed: int = 0, digits: int = 2, n_test: int = 500) -> list[dict]:

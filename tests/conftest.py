@@ -13,9 +13,8 @@ from rpg.main import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: Small but real: a 40-step warm start, 4 prompts x 4 samples, 8 held-out problems.
+#: Small but real: the default warm start, 4 prompts x 4 samples, 8 held-out problems.
 FAST = [
-    "model.warm_start.sft_steps=40",
     "rollout.prompts_per_step=4",
     "rollout.samples_per_prompt=4",
     "ppo.mini_batch_size=16",

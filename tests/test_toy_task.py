@@ -1,6 +1,7 @@
 """The synthetic addition task (splits, formats, parquet) and the cached supervised warm start."""
 
 import json
+import random
 import time
 
 import pandas as pd
@@ -9,7 +10,10 @@ import pytest
 from rpg.models.tiny import load_tiny
 from rpg.toy_task import (
     MAX_RESPONSE_TOKENS,
+    careless_response,
+    carry_points,
     column_sums,
+    demonstrations,
     extract_answer,
     format_response,
     is_correct,
@@ -63,6 +67,22 @@ def test_formats_and_grading():
     assert not is_correct("149", "149")
 
 
+def test_careless_demonstrations():
+    assert carry_points(47, 85) == [1, 2] and carry_points(12, 34) == []
+    assert format_response(47, 85, forget=[1]) == "12,12\nAnswer: 122"
+    assert format_response(47, 85, forget=[2]) == "12,13\nAnswer: 32"
+    assert format_response(47, 85, forget=[1, 2]) == "12,12\nAnswer: 22"
+    assert demonstrations(12, 34) == {"6,4\nAnswer: 46"}
+    assert len(demonstrations(47, 85)) == 4 and format_response(47, 85) in demonstrations(47, 85)
+    rng = random.Random(0)
+    draws = [careless_response(47, 85, 0.65, rng) for _ in range(4000)]
+    assert set(draws) == demonstrations(47, 85)
+    # each carry is kept with prob 0.35, so the correct response has prob 0.35**2 = 0.1225
+    assert draws.count(format_response(47, 85)) / 4000 == pytest.approx(0.1225, abs=0.02)
+    assert {careless_response(47, 85, 0.0, rng) for _ in range(50)} == {format_response(47, 85)}
+    assert not any(is_correct(d, "132") for d in demonstrations(47, 85) - {format_response(47, 85)})
+
+
 def test_parquet_has_the_verl_schema(tmp_path):
     path = write_parquet(tmp_path / "toy" / "test.parquet", "test", n_test=20)
     df = pd.read_parquet(path)
@@ -75,7 +95,7 @@ def test_parquet_has_the_verl_schema(tmp_path):
     assert row["extra_info"] == {"index": 3, "raw_problem": prompt.strip(), "split": "test"}
 
 
-TINY_SFT = dict(sft_steps=4, batch=8, warmup_steps=1, target_acc=0.0, eval_problems=16, n_test=50)
+TINY_SFT = dict(sft_steps=4, batch=8, warmup_steps=1, target_fit=0.0, eval_problems=16, n_test=50)
 
 
 def test_warm_start_is_cached_by_settings(tmp_path):
@@ -97,6 +117,15 @@ def test_warm_start_is_cached_by_settings(tmp_path):
     model, tok = load_tiny(path)
     acc = greedy_accuracy(model, tok, toy_problems("test", n_test=50)[:16])
     assert acc == pytest.approx(meta["heldout_greedy_acc"], abs=1e-12)
+
+
+def test_warm_start_warns_when_target_fit_not_reached(tmp_path):
+    cfg = WarmStartConfig(cache_dir=str(tmp_path), **{**TINY_SFT, "target_fit": 1.0})
+    with pytest.warns(UserWarning, match="raise sft_steps"):
+        path = warm_start(cfg, progress=False, check_every=2, val_problems=4, eval_problems=0)
+    meta = load_meta(path)
+    assert meta["steps"] == 4 and meta["train_demonstrator_fit"] < 1.0
+    assert "heldout_greedy_acc" not in meta
 
 
 def test_warm_start_key_ignores_cache_dir_only():
