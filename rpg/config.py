@@ -138,7 +138,7 @@ class RunConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 1
-    steps: int = 60
+    steps: int = 100
     eval_every: int = 10
     save_every: int = 1  # checkpoint every N steps (0 = only at the end and on preemption)
     resume: str = "auto"  # auto: continue from out_dir's last checkpoint if any | never
