@@ -6,7 +6,7 @@ misspelt key fails at composition time.  ``validate(cfg)`` checks the combinatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -166,6 +166,10 @@ def validate(cfg) -> None:
     from rpg.core.losses import POLICY_LOSSES, LossParams
 
     a, r, u = cfg.algo, cfg.rollout, cfg.ppo
+    for group, schema in (("algo", AlgoConfig), ("model", ModelConfig), ("data", DataConfig), ("engine", EngineConfig)):
+        unknown = set(cfg[group]) - {f.name for f in fields(schema)}
+        if unknown:
+            raise ConfigError(f"{group} has unknown keys {sorted(unknown)}; valid keys: {sorted(f.name for f in fields(schema))}")
     if a.loss not in POLICY_LOSSES:
         raise ConfigError(f"algo.loss={a.loss!r} is not a policy loss; use one of {sorted(POLICY_LOSSES)}")
     if a.advantage not in ADVANTAGES:

@@ -95,8 +95,10 @@ def test_inconsistent_config_fails_before_work(make_cfg, override, message, tmp_
 def test_unknown_names_fail_at_composition(make_cfg):
     with pytest.raises(MissingConfigException, match="rpg_nope"):
         make_cfg("algo=rpg_nope")
-    with pytest.raises(ConfigCompositionException, match="not_a_key"):
-        make_cfg("+algo.not_a_key=1")
+    with pytest.raises(ConfigCompositionException, match="kl_cof"):
+        make_cfg("algo.kl_cof=1")  # a typo
+    with pytest.raises(ConfigError, match="unknown keys.*not_a_key"):
+        run(make_cfg("+algo.not_a_key=1"))  # forced in with "+", still refused before any work
 
 
 def metric_histories(uri: str, run_id: str) -> dict[str, dict[int, float]]:
