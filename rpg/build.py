@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from rpg.data import PromptSet, load_prompt_set
+from rpg.data import PROJECT_ROOT, PromptSet, load_prompt_set
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

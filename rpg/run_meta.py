@@ -7,11 +7,10 @@ import json
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from rpg.data import PROJECT_ROOT
 #: Keys that do not change what a run computes; left out of the config hash.
 NON_SEMANTIC_KEYS = ("tracking", "resume", "out_dir", "sweep", "cache_dir")
 

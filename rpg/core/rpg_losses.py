@@ -16,7 +16,7 @@ import torch
 from rpg.core.clipping import clip_branches, clip_metrics, clipped_pg_term
 from rpg.core.common_metrics import sample_metrics
 from rpg.core.divergences import RPG_KL_TERMS, RPG_KL_WEIGHTS
-from rpg.core.masked import aggregate
+from rpg.core.masked import aggregate, masked_mean
 from rpg.core.registry import Registry
 from rpg.core.samples import build_samples
 from rpg.core.types import BatchTotals, LossOutput, LossParams
@@ -66,13 +66,9 @@ def reinforce_loss(kl: str, logp, old_logp, ref_logp, advantages, mask, params: 
         frozen = (s.adv * branches.bound + kl_part) * nll
         per_sample = torch.where(branches.active, per_sample, frozen)
     loss = aggregate(per_sample, mask, params.agg, totals)
-    metrics = {"loss/pg": loss.detach(), "adv/reg_mean": _valid_mean(weight / w, s.valid),
+    metrics = {"loss/pg": loss.detach(), "adv/reg_mean": masked_mean(weight / w, s.valid).detach(),
                **clip_metrics(branches, s.valid), **sample_metrics(s, logp, ref_logp, mask)}
     return LossOutput(loss, metrics)
-
-
-def _valid_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    return (torch.where(valid > 0, x, torch.zeros_like(x)).sum() / valid.sum()).detach()
 
 
 def _register(name: str, family, kl: str, doc: str) -> None:
