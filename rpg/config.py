@@ -86,8 +86,12 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16
     rollout: str = "hf"  # hf | vllm
-    backend: str = "local"  # local | fsdp
-    num_gpus: int = 0
+    backend: str = "local"  # local (one process) | fsdp (FSDP2, one process per GPU or per CPU rank)
+    num_gpus: int = 0  # GPUs per node = training processes per node (fsdp); 0 on CPU
+    nodes: int = 1  # nodes per run (fsdp)
+    param_dtype: str = "float32"  # master weights, gradients and optimizer state; compute runs in ``dtype``
+    gpu_memory_gib: float = 80.0  # memory of one GPU, for the dry-run's per-GPU estimate
+    vllm_sleep: bool = True  # CUDA: free vLLM's weights and KV cache during the training phase
     logprob_chunk: int = 1024  # tokens per chunk when computing log-probs over the vocabulary
     torch_threads: Optional[int] = None
     vllm_gpu_memory_utilization: float = 0.5
