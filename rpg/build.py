@@ -21,7 +21,8 @@ def cache_dir(cfg) -> Path:
 def build_policy(cfg):
     """(model, tokenizer, info): the tiny model warm-started on the toy task, or a local checkpoint."""
     m = cfg.model
-    dtype = DTYPES[cfg.engine.dtype]
+    # FSDP keeps master weights in param_dtype and computes in dtype; one process trains in dtype
+    dtype = DTYPES[cfg.engine.param_dtype if cfg.engine.backend == "fsdp" else cfg.engine.dtype]
     if m.kind == "tiny":
         from rpg.models.tiny import load_tiny
         from rpg.warmstart import load_meta, warm_start

@@ -3,7 +3,8 @@
 A checkpoint is written to a temporary file in the same directory, fsync'ed, and renamed into
 place with `os.replace`; only then is the `latest` pointer (a one-line text file) replaced the same
 way. A crash at any point leaves either the previous checkpoint or the new one, never a partial
-file under a name that `load_latest_checkpoint` reads. The state dict typically holds the model
+file under a name that `load_latest_checkpoint` reads. A distributed backend writes its shards to
+`step_<n>.dcp/` first; the `.pt` file is written last, so it only exists once its shards are complete. The state dict typically holds the model
 and optimizer state dicts, `rng_state()`, the step, the data position and the MLflow run id.
 """
 
@@ -13,6 +14,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +30,11 @@ _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
     return Path(directory) / f"step_{int(step)}.pt"
+
+
+def shard_dir(directory: str | os.PathLike, step: int) -> Path:
+    """Where a distributed backend keeps the sharded part of the checkpoint of ``step`` (a directory)."""
+    return Path(directory) / f"step_{int(step)}.dcp"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -78,6 +85,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, An
         for _, old in list_checkpoints(directory)[:-keep_last]:
             if old != path:
                 old.unlink(missing_ok=True)
+                shutil.rmtree(old.with_suffix(".dcp"), ignore_errors=True)
     return path
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 REF_UPDATES = ("every_step", "every_k", "kl_threshold", "never")
 
@@ -50,7 +50,11 @@ class ModelConfig:
     # tiny: architecture and supervised warm start on the toy task (rpg.warmstart.WarmStartConfig keys;
     # cached on disk by a hash of these values)
     warm_start: dict[str, Any] = field(default_factory=dict)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in backward
+    # pretrained: the architecture as published in the checkpoint's config.json (model_type, vocab_size,
+    # hidden_size, ...). Read by the dry-run's memory estimate (rpg.plan) and by benchmarks/bench_gpu.py to
+    # build a random-initialised model of the real size; loading a checkpoint uses model.path's own config.
+    arch: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -149,6 +153,16 @@ class RunConfig:
     out_dir: Optional[str] = None  # None: Hydra's run directory
     sweep: str = "default"  # sweep name; groups runs in MLflow
     cache_dir: Optional[str] = None  # warm starts and derived data; None: <project>/.cache
+    dry_run: bool = False  # validate, print the size/memory/tokens estimate of rpg.plan, and exit
+
+
+def tasks_per_node(backend: str, num_gpus: int) -> int:
+    """SLURM tasks per node of one run: one per GPU under FSDP, else one."""
+    return max(int(num_gpus), 1) if backend == "fsdp" else 1
+
+
+if not OmegaConf.has_resolver("rpg.tasks_per_node"):  # used by conf/hydra/launcher/slurm.yaml
+    OmegaConf.register_new_resolver("rpg.tasks_per_node", tasks_per_node)
 
 
 def register_configs() -> None:
@@ -203,8 +217,14 @@ def validate(cfg) -> None:
     if cfg.model.kind == "pretrained" and not cfg.model.path:
         raise ConfigError(f"model {cfg.model.name}: set model.path=/path/to/local/checkpoint "
                           "(a directory with config.json and weights; nothing is downloaded at run time)")
-    if cfg.engine.rollout not in ("hf", "vllm"):
-        raise ConfigError(f"engine.rollout={cfg.engine.rollout!r}; use hf or vllm")
+    e = cfg.engine
+    if e.rollout not in ("hf", "vllm"):
+        raise ConfigError(f"engine.rollout={e.rollout!r}; use hf or vllm")
+    if e.backend not in ("local", "fsdp"):
+        raise ConfigError(f"engine.backend={e.backend!r}; use local (one process) or fsdp (torchrun / SLURM tasks)")
+    for key in ("dtype", "param_dtype"):
+        if e[key] not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"engine.{key}={e[key]!r}; use float32, bfloat16 or float16")
 
 
 def loss_params(algo):

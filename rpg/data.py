@@ -100,10 +100,11 @@ def resolve_path(path: str | Path) -> Path:
     if "dapo" in path.name.lower():
         hint = (
             " DAPO-Math-17k is not shipped with this project: download it on a machine with access to "
-            "its model hub, convert it to a parquet file in verl's schema, and pass that file's path."
+            "its model hub, convert it to a parquet file in verl's schema, and put it at "
+            "$RPG_DATA_DIR/dapo-math-17k.parquet."
         )
     raise FileNotFoundError(
-        f"prompt set not found: {path} (looked at {tried}).{hint} Set the data path to an existing parquet file."
+        f"prompt set not found: {path} (looked at {tried}).{hint} Set data.train_path=/abs/path/to/file.parquet (or the eval set's path) to an existing parquet file."
     )
 
 

@@ -32,6 +32,7 @@ import submitit
 from omegaconf import OmegaConf
 from submitit.helpers import Checkpointable
 
+import rpg.config  # noqa: F401  (registers the resolvers the launcher configs use)
 from rpg.run_meta import PROJECT_ROOT
 
 LAUNCHER_DIR = PROJECT_ROOT / "conf" / "hydra" / "launcher"
@@ -99,6 +100,11 @@ def make_executor(kind: str, params: dict[str, Any]) -> submitit.Executor:
     executor = submitit.AutoExecutor(cluster=kind, **init)
     executor.update_parameters(**{k if k in common else f"{kind}_{k}": v for k, v in params.items()})
     return executor
+
+
+def export_torch_distributed_env() -> None:
+    """In a SLURM task started by submitit: set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT."""
+    submitit.helpers.TorchDistributedEnvironment().export()
 
 
 def append_record(out_dir: str | os.PathLike, **record: Any) -> None:
@@ -241,7 +247,7 @@ def serve_tracking(address_file: str, backend_store_uri: str, port: int | None, 
 def submit_tracking_server(profile: str | None, address_file: str, backend_store_uri: str,
                            port: int | None = None, hours: float = 72.0, workers: int = 4,
                            folder: str | None = None) -> submitit.Job:
-    params = launcher_params("slurm", profile, {"engine": {"num_gpus": 0}}, name="rpg-mlflow",
+    params = launcher_params("slurm", profile, {"engine": {"num_gpus": 0, "nodes": 1, "backend": "local"}}, name="rpg-mlflow",
                              folder=folder or str(Path(address_file).parent / ".submitit" / "%j"))
     params.update(gpus_per_node=0, timeout_min=int(hours * 60), max_num_timeout=0, cpus_per_task=min(workers, 4),
                   mem_gb=8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -17,9 +18,18 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     input_ids, attention_mask: [B, P + R], prompts left-padded to P, responses right-padded to R.
     Logits are divided by ``temperature`` so the log-probs are those of the sampling distribution.
-    The vocabulary projection runs on ``chunk_tokens`` positions at a time (float32).
+    The vocabulary projection runs on ``chunk_tokens`` positions at a time (float32); with gradients on,
+    each chunk runs under activation checkpointing, so at most one chunk's logits exist at a time in
+    backward too (peak memory does not grow with response length x vocabulary).
     Returns logp [B, R] (with grad if enabled) and entropy [B, R] (detached) or None.
+    ``model`` may also be a :class:`ResponseScorer` (the FSDP backend's training module).
     """
+    if isinstance(model, ResponseScorer):
+        return model(input_ids, attention_mask, prompt_len, temperature, chunk_tokens, with_entropy)
+    return _response_logprobs(model, input_ids, attention_mask, prompt_len, temperature, chunk_tokens, with_entropy)
+
+
+def _response_logprobs(model, input_ids, attention_mask, prompt_len, temperature, chunk_tokens, with_entropy):
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
     head = model.get_output_embeddings()
@@ -28,9 +38,13 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     targets = input_ids[:, prompt_len:].reshape(b * r)
     logps, ents = [], []
     for start in range(0, b * r, chunk_tokens):
-        logits = head(states[start : start + chunk_tokens]).float() / temperature
+        st, tgt = states[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled() and not with_entropy:
+            # backward recomputes this chunk's logits instead of keeping [chunk, V] float32 per chunk alive
+            logps.append(checkpoint(_chunk_logp, head, st, tgt, temperature, use_reentrant=False))
+            continue
+        logits = head(st).float() / temperature
         logz = torch.logsumexp(logits, dim=-1)
-        tgt = targets[start : start + chunk_tokens]
         logps.append(logits.gather(-1, tgt[:, None]).squeeze(-1) - logz)
         if with_entropy:
             with torch.no_grad():
@@ -39,3 +53,27 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     logp = torch.cat(logps).view(b, r)
     entropy = torch.cat(ents).view(b, r) if with_entropy else None
     return logp, entropy
+
+
+def _chunk_logp(head, states, targets, temperature):
+    logits = head(states).float() / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+class ResponseScorer(torch.nn.Module):
+    """The policy as a module whose forward is :func:`response_logprobs`.
+
+    FSDP2 gathers a module's own (non-sub-unit) parameters around its ``forward``; wrapping the causal LM
+    this way lets the embedding, final norm and (tied) output head be gathered once for the decoder
+    call and the chunked head projection together.  Its state dict names are ``lm.<model's names>``.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
+                chunk_tokens: int = 1024, with_entropy: bool = False):
+        logp, entropy = _response_logprobs(self.lm, input_ids, attention_mask, prompt_len, temperature,
+                                           chunk_tokens, with_entropy)
+        return logp.clone(), entropy  # not a view: FSDP2 hooks its pre-backward on this output

@@ -1,4 +1,8 @@
-"""Entry point: ``python -m rpg.main [overrides]`` or ``python -m rpg.main -m algo=a,b seed=1,2`` for sweeps."""
+"""Entry point: ``python -m rpg.main [overrides]`` or ``python -m rpg.main -m algo=a,b seed=1,2`` for sweeps.
+
+``python -m rpg.main dry_run=true [overrides]`` validates the config and prints rpg.plan's estimate
+(parameters, per-GPU memory, tokens per step) without loading a model or data.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,11 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    if cfg.dry_run:  # validate and print the size/memory/tokens estimate; load nothing, run nothing
+        from rpg.plan import dry_run
+
+        dry_run(cfg)
+        return None
     from rpg.train import run
 
     logging.getLogger("rpg").setLevel(logging.INFO)

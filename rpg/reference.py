@@ -8,15 +8,22 @@ never        frozen initial policy (GRPO's default; the Figure 9 ablation)
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 
+def needs_model(mode: str) -> bool:
+    """Whether the anchor is a model of its own (every mode but every_step)."""
+    return mode != "every_step"
+
+
 class Reference:
-    def __init__(self, policy, mode: str, k: int = 10, kl_threshold: float = 0.05, kl_ema: float = 0.9):
+    """``model``: a frozen copy of the initial policy (rpg.backend's reference_model), None for every_step."""
+
+    def __init__(self, model, mode: str, k: int = 10, kl_threshold: float = 0.05, kl_ema: float = 0.9):
+        if needs_model(mode) != (model is not None):
+            raise ValueError(f"ref_update={mode} needs {'a' if needs_model(mode) else 'no'} reference model")
         self.mode, self.k, self.kl_threshold, self.kl_ema = mode, k, kl_threshold, kl_ema
-        self.model = None if mode == "every_step" else _frozen_copy(policy)
+        self.model = model
         self.kl_avg = 0.0
         self.refreshes = 0
 
@@ -38,17 +45,8 @@ class Reference:
         return due
 
     def state_dict(self) -> dict:
-        return {"model": None if self.model is None else self.model.state_dict(),
-                "kl_avg": self.kl_avg, "refreshes": self.refreshes}
+        """The schedule's state; the model's weights are checkpointed by the backend."""
+        return {"kl_avg": self.kl_avg, "refreshes": self.refreshes}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.model is not None and state["model"] is not None:
-            self.model.load_state_dict(state["model"])
         self.kl_avg, self.refreshes = state["kl_avg"], state["refreshes"]
-
-
-def _frozen_copy(policy):
-    ref = copy.deepcopy(policy).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref

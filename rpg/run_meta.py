@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from rpg.data import PROJECT_ROOT
 #: Keys that do not change what a run computes; left out of the config hash.
-NON_SEMANTIC_KEYS = ("tracking", "resume", "out_dir", "sweep", "cache_dir")
+NON_SEMANTIC_KEYS = ("tracking", "resume", "out_dir", "sweep", "cache_dir", "dry_run")
 
 
 def config_hash(cfg) -> str:

@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default=None, help="cluster profile (conf/cluster/NAME.yaml) for slurm")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--status", action="store_true", help="print each run's state; submit nothing")
-    mode.add_argument("--dry-run", action="store_true", help="--status plus what would be submitted")
+    mode.add_argument("--dry-run", action="store_true",
+                      help="--status plus each run's memory estimate and what would be submitted")
     p.add_argument("--wait", action="store_true", help="block until the submitted runs end")
     p.add_argument("--runs-root", default=None, help=f"default $RPG_RUNS_DIR or {default_runs_root()}")
     args = p.parse_intermixed_args(argv)
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         if launcher != "inline":
             from rpg.launch import launcher_params
 
-            launcher_params(launcher, profile, {"engine": {"num_gpus": 0}})  # unknown profile or key: fail now
+            launcher_params(launcher, profile, {"engine": {"num_gpus": 0, "nodes": 1, "backend": "local"}})  # unknown profile or key: fail now
         if launcher == "slurm" and not (args.status or shutil.which("sbatch")):
             raise SweepError("sbatch not found: run this on a SLURM login node (or export SLURM_CONF for the "
                              "local test cluster), or use --launcher local / inline")
@@ -353,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         print_table(plans)
         if args.status:
             return 0
+        if args.dry_run:  # per-run size/memory estimate (rpg.plan), as `python -m rpg.main dry_run=true`
+            from rpg.plan import sweep_estimates
+
+            sweep_estimates([(pl.run.name, pl.config) for pl in plans])
         jobs = submit(plans, launcher, profile, args.runs_root, sweep, dry_run=args.dry_run)
         if args.dry_run or not args.wait or not any(pl.action != "skip" for pl in plans):
             return 0

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import logging
@@ -17,13 +18,14 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from rpg import checkpoint
+from rpg.backend import make_backend
 from rpg.build import build_data, build_optimizer, build_policy
 from rpg.config import loss_params, validate
 from rpg.core.advantages import ADVANTAGES
 from rpg.core.losses import POLICY_LOSSES
 from rpg.evaluation import evaluate_policy
 from rpg.logprobs import response_logprobs
-from rpg.reference import Reference
+from rpg.reference import Reference, needs_model
 from rpg.rewards import get_reward_fn
 from rpg.rollout import make_engine
 from rpg.rollout.mismatch import mismatch_metrics
@@ -36,19 +38,23 @@ log = logging.getLogger("rpg")
 
 
 @torch.no_grad()
-def score_logprobs(model, gens, cfg, with_entropy=False):
-    """Log-probs (and entropy) of the sampled responses under ``model``, micro-batch by micro-batch."""
+def score_logprobs(model, gens, cfg, backend, with_entropy=False):
+    """Log-probs (and entropy) of the sampled responses under ``model``: each rank scores its share of the
+    rows, micro-batch by micro-batch, and every rank gets all rows back."""
     was_training = model.training
     model.eval()
     logps, ents = [], []
     ids, attn, p = gens.input_ids, gens.attention_mask, gens.prompt_ids.shape[1]
-    for s in range(0, ids.shape[0], cfg.ppo.micro_batch_size):
-        lp, ent = response_logprobs(model, ids[s:s + cfg.ppo.micro_batch_size], attn[s:s + cfg.ppo.micro_batch_size],
-                                    p, cfg.rollout.temperature, cfg.engine.logprob_chunk, with_entropy)
+    rows, mb = backend.local_rows(torch.arange(ids.shape[0])), cfg.ppo.micro_batch_size
+    for s in range(0, len(rows), mb):
+        r = rows[s:s + mb]
+        lp, ent = response_logprobs(model, ids[r], attn[r], p, cfg.rollout.temperature, cfg.engine.logprob_chunk,
+                                    with_entropy)
         logps.append(lp)
         ents.append(ent)
     model.train(was_training)
-    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+    logp = backend.gather_rows(torch.cat(logps))
+    return logp, (backend.gather_rows(torch.cat(ents)) if with_entropy else None)
 
 
 def tracking_uri(cfg) -> str | None:
@@ -66,56 +72,73 @@ def engine_options(cfg) -> dict:
     e = cfg.engine
     if e.rollout != "vllm":
         return {}
-    return {"dtype": e.dtype, "gpu_memory_utilization": e.vllm_gpu_memory_utilization,
-            "kv_cache_memory_bytes": e.vllm_kv_cache_bytes, "seed": cfg.seed}
+    options = {"dtype": e.dtype, "gpu_memory_utilization": e.vllm_gpu_memory_utilization,
+               "kv_cache_memory_bytes": e.vllm_kv_cache_bytes, "seed": cfg.seed}
+    if e.backend == "fsdp":  # the engine gets its own process, outside the trainer's process group
+        options["in_process"] = False
+    return options
 
 
 def run(cfg) -> dict[str, float]:
     validate(cfg)
-    out_dir = Path(cfg.out_dir or Path.cwd()).resolve()
+    backend = make_backend(cfg)
+    out_dir = Path(backend.broadcast(str(Path(cfg.out_dir or Path.cwd()).resolve())))  # rank 0's directory
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
     torch.manual_seed(cfg.seed)
     if cfg.engine.torch_threads:
         torch.set_num_threads(cfg.engine.torch_threads)
 
-    model, tokenizer, info = build_policy(cfg)
-    train_set, eval_sets = build_data(cfg)
-    engine = make_engine(cfg.engine.rollout, model, tokenizer, **engine_options(cfg))
-    optimizer, scheduler = build_optimizer(cfg, model)
-    reference = Reference(model, cfg.algo.ref_update, cfg.algo.ref_update_k, cfg.algo.ref_kl_threshold, cfg.algo.ref_kl_ema)
+    model, tokenizer, info = backend.main_first(lambda: build_policy(cfg))
+    train_set, eval_sets = backend.main_first(lambda: build_data(cfg))
+    engine = None
+    if backend.is_main:  # rollouts and evaluation run on rank 0; HF generate needs its own full copy under FSDP
+        sampler_model = model if backend.world_size == 1 or cfg.engine.rollout == "vllm" else copy.deepcopy(model)
+        engine = make_engine(cfg.engine.rollout, sampler_model, tokenizer, **engine_options(cfg))
+    ref_model = backend.reference_model(model) if needs_model(cfg.algo.ref_update) else None
+    module = backend.wrap(model)  # what the update trains and scores with
+    optimizer, scheduler = build_optimizer(cfg, module)
+    reference = Reference(ref_model, cfg.algo.ref_update, cfg.algo.ref_update_k, cfg.algo.ref_kl_threshold, cfg.algo.ref_kl_ema)
     sampler = PromptSampler(len(train_set), cfg.seed)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     loss_fn, advantage_fn = POLICY_LOSSES[cfg.algo.loss], ADVANTAGES[cfg.algo.advantage]
     params, reward_fn = loss_params(cfg.algo), get_reward_fn(cfg.data.reward)
 
+    def sync_engine():
+        weights = backend.full_weights(module)  # every rank takes part; rank 0 gets the weights
+        if engine is not None:
+            engine.sync_weights(weights)
+
     start_step, run_id, opt_steps = 0, None, 0
-    state = checkpoint.load_latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else None
+    state = backend.load(ckpt_dir, module, optimizer, ref_model) if cfg.resume == "auto" else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         reference.load_state_dict(state["reference"])
         sampler.load_state_dict(state["sampler"])
         shuffle.set_state(state["shuffle"])
         checkpoint.set_rng_state(state["rng"])
         start_step, run_id, opt_steps = state["step"], state["run_id"], state["optimizer_steps"]
+        sync_engine()
         log.info("resuming from %s at step %d", ckpt_dir, start_step)
     elif cfg.resume == "auto" and (out_dir / "run_id.txt").is_file():
         run_id = (out_dir / "run_id.txt").read_text().strip()  # crashed before its first checkpoint
 
-    tracker = MLflowTracker(tracking_uri(cfg), output_dir=out_dir) if cfg.tracking.enabled else NullTracker()
-    sha, dirty = git_state()
-    tags = {"algo": cfg.algo.name, "seed": cfg.seed, "model": cfg.model.name, "data": cfg.data.name,
-            "sweep": cfg.sweep, "config_hash": config_hash(cfg), "git_sha": sha, "git_dirty": dirty,
-            "hydra_sweep_dir": str(out_dir.parent), "run_name": run_name(cfg), "out_dir": str(out_dir)}
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    run_id = tracker.start(cfg.tracking.experiment, run_name(cfg), resolved, tags, run_id=run_id)
-    (out_dir / "run_id.txt").write_text(run_id or "")
-    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    tracker.log_text(json.dumps(info, indent=2), "policy_info.json")
+    tracker = MLflowTracker(tracking_uri(cfg), output_dir=out_dir) if cfg.tracking.enabled and backend.is_main else NullTracker()
+    if backend.is_main:
+        sha, dirty = git_state()
+        tags = {"algo": cfg.algo.name, "seed": cfg.seed, "model": cfg.model.name, "data": cfg.data.name,
+                "sweep": cfg.sweep, "config_hash": config_hash(cfg), "git_sha": sha, "git_dirty": dirty,
+                "hydra_sweep_dir": str(out_dir.parent), "run_name": run_name(cfg), "out_dir": str(out_dir),
+                "world_size": backend.world_size}
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        run_id = tracker.start(cfg.tracking.experiment, run_name(cfg), resolved, tags, run_id=run_id)
+        (out_dir / "run_id.txt").write_text(run_id or "")
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        tracker.log_text(json.dumps(info, indent=2), "policy_info.json")
 
     def evaluate(step):
+        if engine is None:
+            return {}
         with torch.random.fork_rng():  # evaluation never changes the training random stream
             torch.manual_seed(cfg.seed * 7919 + step)
             metrics, details = evaluate_policy(engine, tokenizer, eval_sets, cfg, seed=cfg.seed)
@@ -128,26 +151,28 @@ def run(cfg) -> dict[str, float]:
     try:
         if start_step == 0 and eval_sets:
             final.update(evaluate(0))
-        bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=run_name(cfg), dynamic_ncols=True)
+        bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=run_name(cfg),
+                   dynamic_ncols=True, disable=not backend.is_main)
         for step in bar:
             t0 = time.perf_counter()
-            batch = collect(engine, tokenizer, train_set, sampler, cfg, reward_fn)
+            batch = backend.broadcast(collect(engine, tokenizer, train_set, sampler, cfg, reward_fn) if engine else None)
             t_rollout = time.perf_counter() - t0
             gens = batch.gens
             mask = gens.response_mask.float()
-            old_logp, entropy = score_logprobs(model, gens, cfg, with_entropy=True)
-            ref_logp = reference.logprobs(lambda m: score_logprobs(m, gens, cfg)[0], old_logp)
+            old_logp, entropy = score_logprobs(module, gens, cfg, backend, with_entropy=True)
+            ref_logp = reference.logprobs(lambda m: score_logprobs(m, gens, cfg, backend)[0], old_logp)
             advantages = advantage_fn(batch.scores, batch.group_ids, mask)
             rb = RolloutBatch(gens.input_ids, gens.attention_mask, gens.response_mask, old_logp, ref_logp,
                               advantages, gens.prompt_ids.shape[1])
             t1 = time.perf_counter()
-            metrics = policy_update(model, optimizer, scheduler, rb, loss_fn, params, epochs=cfg.ppo.epochs,
+            metrics = policy_update(module, optimizer, scheduler, rb, loss_fn, params, epochs=cfg.ppo.epochs,
                                     mini_batch_size=cfg.ppo.mini_batch_size, micro_batch_size=cfg.ppo.micro_batch_size,
                                     grad_clip=cfg.optim.grad_clip, temperature=cfg.rollout.temperature,
-                                    chunk_tokens=cfg.engine.logprob_chunk, generator=shuffle)
+                                    chunk_tokens=cfg.engine.logprob_chunk, generator=shuffle, backend=backend)
             opt_steps += int(metrics.pop("optim/steps"))
-            refreshed = reference.after_update(model, opt_steps, metrics.get("kl/k3", 0.0))
-            engine.sync_weights(model)
+            refreshed = reference.after_update(module, opt_steps, metrics.get("kl/k3", 0.0))
+            t_sync = time.perf_counter()
+            sync_engine()
             t_end = time.perf_counter()
             lengths = mask.sum(-1)
             metrics.update(batch.stats)
@@ -160,21 +185,21 @@ def run(cfg) -> dict[str, float]:
                 "train/entropy": (entropy * mask).sum().item() / mask.sum().item(),
                 "train/advantage_abs_mean": advantages.abs().mean().item(),
                 "ref/refreshed": float(refreshed), "ref/kl_avg": reference.kl_avg,
-                "perf/step_time_s": t_end - t0, "perf/rollout_s": t_rollout, "perf/update_s": t_end - t1,
+                "perf/step_time_s": t_end - t0, "perf/rollout_s": t_rollout, "perf/update_s": t_sync - t1,
+                "perf/sync_s": t_end - t_sync,
                 "perf/tokens_per_s": float(gens.attention_mask.sum()) / (t_end - t0),
             })
             done = step + 1
-            if cfg.eval_every and eval_sets and (done % cfg.eval_every == 0 or done == cfg.steps):
-                metrics.update(evaluate(done))
             tracker.log_metrics(metrics, done)
             final.update(metrics)
+            if cfg.eval_every and eval_sets and (done % cfg.eval_every == 0 or done == cfg.steps):
+                final.update(evaluate(done))  # logs its own metrics
             bar.set_postfix(acc=f"{metrics['train/acc']:.2f}", kl=f"{metrics.get('kl/k3', 0):.1e}")
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                checkpoint.save_checkpoint(ckpt_dir, done, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                backend.save(ckpt_dir, done, {
                     "scheduler": scheduler.state_dict(), "reference": reference.state_dict(),
                     "sampler": sampler.state_dict(), "shuffle": shuffle.get_state(), "rng": checkpoint.rng_state(),
-                    "step": done, "run_id": run_id, "optimizer_steps": opt_steps})
+                    "step": done, "run_id": run_id, "optimizer_steps": opt_steps}, module, optimizer, ref_model)
     except (KeyboardInterrupt, Terminated, SystemExit):
         tracker.end("KILLED")
         raise
@@ -183,6 +208,8 @@ def run(cfg) -> dict[str, float]:
         tracker.end("FAILED")
         raise
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
+        backend.close()
     tracker.end("FINISHED")
     return final

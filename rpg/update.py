@@ -1,7 +1,9 @@
 """One policy update on a rollout batch: epochs x mini-batches (optimizer steps) x micro-batches (accumulation).
 
 The loss of each micro-batch is normalised by the totals of its whole mini-batch (BatchTotals), so the
-accumulated gradient is exactly the mini-batch gradient for every aggregation mode.
+accumulated gradient is exactly the mini-batch gradient for every aggregation mode.  With several ranks
+(rpg.backend) each rank runs its share of every mini-batch's rows and the gradients are summed over ranks,
+so the totals stay those of the whole mini-batch.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from rpg.backend.local import LocalBackend
 from rpg.core.losses import BatchTotals, LossParams
 from rpg.logprobs import response_logprobs
 
@@ -42,15 +45,22 @@ class RolloutBatch:
 
 
 _MAX_METRICS = ("is/weight_max",)
+_SHARES = "loss/"
 
 
 def policy_update(model, optimizer, scheduler, batch: RolloutBatch, loss_fn: Callable, params: LossParams, *,
                   epochs: int, mini_batch_size: int, micro_batch_size: int, grad_clip: float,
-                  temperature: float, chunk_tokens: int, generator: torch.Generator) -> dict[str, float]:
-    """Run the optimizer steps of one RL step; returns averaged metrics (max for maxima)."""
+                  temperature: float, chunk_tokens: int, generator: torch.Generator,
+                  backend=None) -> dict[str, float]:
+    """Run the optimizer steps of one RL step; returns averaged metrics (max for maxima).
+
+    ``micro_batch_size`` is responses per forward on one rank; every rank must see the same ``generator``.
+    """
+    backend = backend or LocalBackend()
     model.train()
     sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    weights: dict[str, float] = {}
+    grad_norms: list[float] = []
     n = batch.input_ids.shape[0]
     steps = 0
     for _ in range(epochs):
@@ -58,39 +68,51 @@ def policy_update(model, optimizer, scheduler, batch: RolloutBatch, loss_fn: Cal
         for start in range(0, n, mini_batch_size):
             mini = order[start : start + mini_batch_size]
             totals = BatchTotals.of(batch.response_mask[mini].float())
-            for m_start in range(0, len(mini), micro_batch_size):
-                micro = batch.rows(mini[m_start : m_start + micro_batch_size])
+            mine = backend.local_rows(mini)
+            for m_start in range(0, len(mine), micro_batch_size):
+                micro = batch.rows(mine[m_start : m_start + micro_batch_size])
                 logp, _ = response_logprobs(model, micro.input_ids, micro.attention_mask, micro.prompt_len,
                                             temperature, chunk_tokens)
                 out = loss_fn(logp, micro.old_logp, micro.ref_logp, micro.advantages,
                               micro.response_mask.float(), params, totals)
-                if not torch.isfinite(out.loss):
+                if not backend.all_finite(bool(torch.isfinite(out.loss))):
                     raise NonFiniteLossError(
                         f"loss is {out.loss.item()} at optimizer step {steps}; metrics: "
                         f"{ {k: round(v.item(), 4) for k, v in out.metrics.items()} }; advantages finite: "
                         f"{bool(torch.isfinite(micro.advantages).all())}. Check the reward function, lower "
                         "optim.lr, tighten clipping (algo.clip_low/clip_high) or use algo.level=token.")
                 out.loss.backward()
-                _accumulate(sums, counts, out.metrics)
+                tokens = float(micro.response_mask.sum())
+                samples = tokens if params.level == "token" else float(micro.response_mask.any(-1).sum())
+                _accumulate(sums, weights, out.metrics, tokens, samples)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor replicated on every rank
+                grad_norm = grad_norm.full_tensor()
             if not torch.isfinite(grad_norm):
                 raise NonFiniteLossError(f"gradient norm is {grad_norm.item()} at optimizer step {steps}; lower optim.lr")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
-            _accumulate(sums, counts, {"optim/grad_norm": grad_norm})
-    metrics = {k: (sums[k] if k in _MAX_METRICS else sums[k] / counts[k]) for k in sums}
+            grad_norms.append(float(grad_norm))
+    sums, weights = backend.reduce_metrics(sums, weights, _MAX_METRICS)
+    metrics = {k: v if k in _MAX_METRICS else v / steps if k.startswith(_SHARES) else v / weights[k]
+               for k, v in sums.items()}
+    metrics["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
     metrics["optim/steps"] = steps
     metrics["optim/lr"] = scheduler.get_last_lr()[0]
     return metrics
 
 
-def _accumulate(sums: dict, counts: dict, metrics: dict) -> None:
+def _accumulate(sums: dict, weights: dict, metrics: dict, tokens: float, samples: float) -> None:
+    """Loss terms are shares of their mini-batch's loss (normalised by its totals): summed.  Means over a
+    micro-batch are weighted by its tokens (kl/*) or samples (the rest), so the result is the mean over
+    the whole mini-batch whatever the micro-batch and rank split."""
     for k, v in metrics.items():
         v = float(v)
         if k in _MAX_METRICS:
             sums[k] = max(sums.get(k, float("-inf")), v)
-        else:
-            sums[k] = sums.get(k, 0.0) + v
-        counts[k] = counts.get(k, 0) + 1
+            continue
+        w = 1.0 if k.startswith(_SHARES) else tokens if k.startswith("kl/") else samples
+        sums[k] = sums.get(k, 0.0) + v * w
+        weights[k] = weights.get(k, 0.0) + w

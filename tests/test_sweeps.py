@@ -204,16 +204,19 @@ def test_launcher_params_match_the_hydra_launcher(tmp_path):
     hydra_launcher = OmegaConf.to_container(hcfg.hydra.launcher, resolve=False)
     params = launch.launcher_params("slurm", "local_test", run_cfg, folder=str(tmp_path / "%j"), name="rpg-x")
     for key in ("partition", "cpus_per_task", "mem_gb", "timeout_min", "signal_delay_s", "max_num_timeout",
-                "additional_parameters", "array_parallelism", "tasks_per_node"):
+                "additional_parameters", "array_parallelism"):
         assert params[key] == hydra_launcher[key], key
     assert hydra_launcher["gpus_per_node"] == "${engine.num_gpus}"
     assert params["gpus_per_node"] == 8  # resolved against the run: engine=gpu
+    assert (params["tasks_per_node"], params["nodes"]) == (8, 1)  # FSDP: one task per GPU
     assert params["max_num_timeout"] >= 1 and params["additional_parameters"]["requeue"] is True
     assert (params["submitit_folder"], params["name"]) == (str(tmp_path / "%j"), "rpg-x")
     gpu8 = launch.launcher_params("slurm", "gpu8", run_cfg)
     assert (gpu8["partition"], gpu8["gpus_per_node"], gpu8["additional_parameters"]) == \
         ("gpu", 8, {"requeue": True, "exclusive": True})
     assert all("${" not in line for line in gpu8["setup"])
+    cpu = launch.launcher_params("slurm", "local_test", {"engine": {"num_gpus": 0, "nodes": 1, "backend": "local"}})
+    assert (cpu["tasks_per_node"], cpu["gpus_per_node"]) == (1, 0)
     local = launch.launcher_params("local", None, {"engine": {"num_gpus": 0}})
     assert local["timeout_min"] >= 60 * 24 and local["gpus_per_node"] == 0
     with pytest.raises(ValueError, match=re.escape(str(launch.profile_names()))):

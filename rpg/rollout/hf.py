@@ -1,4 +1,5 @@
-"""Rollouts with transformers' ``generate`` on the training model itself (CPU default; no weight sync needed)."""
+"""Rollouts with transformers' ``generate``: on the training model itself (local backend; nothing to sync), or
+on a full copy kept on rank 0 (FSDP backend; synced from the gathered weights after every update)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ class HFEngine:
         return Generations(ids, mask, resp, resp_mask, texts, truncated)
 
     def sync_weights(self, model) -> None:
-        assert model is self.model, "the HF engine samples from the training model itself"
+        if model is not self.model:
+            self.model.load_state_dict(model.state_dict())
 
     def close(self) -> None:
         pass

@@ -1,0 +1,216 @@
+"""FSDP2 across ranks: one process per GPU (NCCL) or per CPU rank (gloo); the only FSDP importer.
+
+Each decoder layer is its own ``fully_shard`` unit; the root unit is a :class:`ResponseScorer` around the
+causal LM, so embedding, final norm and output head are gathered around each scoring call.  Parameters,
+gradients and AdamW state are sharded in ``engine.param_dtype``; compute runs in ``engine.dtype``
+(mixed precision, gradients reduced in float32).
+
+Exact loss normalisation across ranks: every rank holds the whole rollout batch (rank 0 samples it and
+broadcasts it), so each mini-batch's BatchTotals are computed from all its rows on every rank without
+communication; each rank takes an equal, contiguous share of the rows, and gradients are *summed* over
+ranks (divide factor 1), so the step uses exactly the mini-batch gradient of one process.
+
+Checkpoints: model, optimizer and reference shards go to ``step_<n>.dcp/`` (torch.distributed.checkpoint,
+written to a temporary name and renamed by rank 0 once every rank has finished), the rest of the
+training state to the atomic ``step_<n>.pt`` of rpg.checkpoint, which is written last.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from rpg import checkpoint
+from rpg.backend.local import frozen_copy
+from rpg.config import ConfigError
+from rpg.logprobs import ResponseScorer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PREFIX = "lm."
+
+
+class FullWeights:
+    """Full (unsharded) weights under the model's own names; what rollout engines sync from."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def init_distributed(device: str, timeout_s: float = 1800.0) -> None:
+    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun), or by
+    the SLURM task environment (one task per GPU, e.g. a submitit job)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        from rpg.launch import export_torch_distributed_env
+
+        export_torch_distributed_env()
+    if "RANK" not in os.environ:
+        raise RuntimeError(
+            "engine.backend=fsdp needs one process per rank: start it with "
+            "`torchrun --nproc-per-node N -m rpg.main engine.backend=fsdp ...`, or as SLURM tasks "
+            "(hydra/launcher=slurm runs engine.num_gpus tasks per node); for one process use engine.backend=local")
+    backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+class FSDPBackend:
+    name = "fsdp"
+
+    def __init__(self, cfg):
+        e = cfg.engine
+        init_distributed(e.device)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.device = torch.device("cuda", torch.cuda.current_device()) if e.device.startswith("cuda") else torch.device("cpu")
+        if e.device.startswith("cuda") and e.num_gpus and self.world_size != e.num_gpus * e.nodes:
+            raise RuntimeError(f"{self.world_size} ranks started but engine.num_gpus x engine.nodes = "
+                               f"{e.num_gpus} x {e.nodes}; start one process per GPU or fix the config")
+        u = cfg.ppo
+        if u.mini_batch_size % self.world_size or (u.mini_batch_size // self.world_size) % u.micro_batch_size:
+            raise ConfigError(f"ppo.mini_batch_size={u.mini_batch_size} must split over {self.world_size} ranks into "
+                             f"whole micro-batches of ppo.micro_batch_size={u.micro_batch_size} (responses per "
+                             f"rank per forward): set ppo.micro_batch_size to a divisor of "
+                             f"{u.mini_batch_size // self.world_size}")
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        compute, params = DTYPES[e.dtype], DTYPES[e.param_dtype]
+        self.mp = (MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute != params
+                   else MixedPrecisionPolicy())
+
+    # -- the model ---------------------------------------------------------------------------------
+
+    def main_first(self, fn):
+        """Run ``fn`` on rank 0, then on the others (so caches are built once)."""
+        if self.is_main:
+            out = fn()
+            dist.barrier()
+        else:
+            dist.barrier()
+            out = fn()
+        return out
+
+    def _shard(self, lm) -> ResponseScorer:
+        for layer in lm.get_decoder().layers:
+            fully_shard(layer, mesh=self.mesh, mp_policy=self.mp)
+        scorer = ResponseScorer(lm)
+        fully_shard(scorer, mesh=self.mesh, mp_policy=self.mp)
+        for m in scorer.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)  # sum over ranks: each rank's loss is already a share
+                m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no pre-multiplied sum)
+        return scorer
+
+    def reference_model(self, lm):
+        return self._shard(frozen_copy(lm))
+
+    def wrap(self, lm):
+        return self._shard(lm)
+
+    def full_weights(self, module) -> FullWeights | None:
+        """All ranks take part; rank 0 gets the full weights on CPU, the others None."""
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:
+            return None
+        return FullWeights({k.removeprefix(_PREFIX): v for k, v in state.items()})
+
+    # -- rows and collectives ------------------------------------------------------------------------
+
+    def local_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        n = len(idx)
+        if n % self.world_size:
+            raise ValueError(f"{n} rows do not split evenly over {self.world_size} ranks")
+        k = n // self.world_size
+        return idx[self.rank * k : (self.rank + 1) * k]
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous().to(self.device)
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts).cpu()
+
+    def broadcast(self, obj):
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_finite(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def reduce_metrics(self, sums: dict, counts: dict, max_keys=()) -> tuple[dict, dict]:
+        keys = sorted(sums)
+        add = [k for k in keys if k not in max_keys]
+        mx = [k for k in keys if k in max_keys]
+        if add:
+            t = torch.tensor([[sums[k] for k in add], [counts[k] for k in add]], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            sums.update(zip(add, t[0].tolist()))
+            counts.update(zip(add, t[1].tolist()))
+        if mx:
+            t = torch.tensor([sums[k] for k in mx], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            sums.update(zip(mx, t.tolist()))
+        return sums, counts
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _payload(self, module, optimizer, ref_module) -> dict:
+        model_state, optim_state = get_state_dict(module, optimizer)
+        payload = {"model": model_state, "optim": optim_state}
+        if ref_module is not None:
+            payload["ref"] = get_model_state_dict(ref_module)
+        return payload
+
+    def save(self, ckpt_dir, step: int, state: dict, module, optimizer, ref_module=None, keep_last: int = 3) -> None:
+        ckpt_dir = Path(ckpt_dir)
+        target = checkpoint.shard_dir(ckpt_dir, step)
+        tmp = target.with_name(f".{target.name}.tmp")
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        dcp.save(self._payload(module, optimizer, ref_module), checkpoint_id=str(tmp))
+        dist.barrier()
+        if self.is_main:
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            checkpoint.save_checkpoint(ckpt_dir, step, {**state, "world_size": self.world_size}, keep_last=keep_last)
+        dist.barrier()
+
+    def load(self, ckpt_dir, module, optimizer, ref_module=None) -> dict | None:
+        state = self.broadcast(checkpoint.load_latest_checkpoint(ckpt_dir) if self.is_main else None)
+        if state is None:
+            return None
+        shards = checkpoint.shard_dir(ckpt_dir, state["step"])
+        if not shards.is_dir():
+            raise FileNotFoundError(f"{shards} is missing: the checkpoint at step {state['step']} was written by "
+                                    "the local backend; resume it with engine.backend=local")
+        payload = self._payload(module, optimizer, ref_module)
+        dcp.load(payload, checkpoint_id=str(shards))
+        set_state_dict(module, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
+        if ref_module is not None:
+            set_model_state_dict(ref_module, payload["ref"])
+        return state
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
