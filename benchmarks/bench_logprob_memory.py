@@ -7,9 +7,9 @@ fresh process; its peak is measured above what the process held once the model a
 memory_allocated after set-up). A CPU child gets an address-space limit, so a variant that does not fit
 fails its allocation ("refused") instead of waking the kernel's OOM killer.
 
-Variants: ``naive`` (the model's own logits for all positions, then log_softmax), ``chunk-C``
-(rpg.logprobs.response_logprobs with C positions per chunk), ``chunk-C+ckpt`` (the same, each chunk
-under torch.utils.checkpoint so that backward recomputes its logits; training mode only).
+Variants: ``naive`` (the model's own logits for all positions, then log_softmax) and ``chunk-C``
+(rpg.logprobs.response_logprobs with C positions per chunk; with gradients on, that function runs each
+chunk under torch.utils.checkpoint, so backward recomputes one chunk's logits at a time).
 Modes: ``score`` = no grad, log-probs and entropy (old/reference log-probs); ``train`` = log-probs with
 grad, then backward (the policy update).
 
@@ -78,8 +78,6 @@ def child(spec: dict) -> dict:
                 logp = logp_all.gather(-1, ids[:, prompt:, None]).squeeze(-1)
                 if not train:
                     entropy = -(logp_all.exp() * logp_all).sum(-1)
-            elif variant.endswith("+ckpt"):
-                logp = checkpointed_logprobs(model, ids, mask, prompt, int(variant.split("-")[1].split("+")[0]))
             else:
                 logp, entropy = response_logprobs(model, ids, mask, prompt, chunk_tokens=int(variant.split("-")[1]),
                                                   with_entropy=not train)
@@ -96,29 +94,6 @@ def child(spec: dict) -> dict:
     if not ok:
         out["error"] = err
     return out
-
-
-def checkpointed_logprobs(model, input_ids, attention_mask, prompt_len, chunk_tokens):
-    """rpg.logprobs.response_logprobs' log-probs with each chunk recomputed in backward (no saved logits)."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    from rpg.logprobs import position_ids_from_mask
-
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
-    head = model.get_output_embeddings()
-    b, r = input_ids.shape[0], input_ids.shape[1] - prompt_len
-    states = hidden[:, prompt_len - 1 : -1].reshape(b * r, -1)
-    targets = input_ids[:, prompt_len:].reshape(b * r)
-
-    def chunk_logp(h, tgt):
-        logits = head(h).float()
-        return logits.gather(-1, tgt[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-    parts = [checkpoint(chunk_logp, states[s : s + chunk_tokens], targets[s : s + chunk_tokens], use_reentrant=False)
-             for s in range(0, b * r, chunk_tokens)]
-    return torch.cat(parts).view(b, r)
 
 
 def main() -> None:
@@ -148,7 +123,6 @@ def main() -> None:
     for tokens in (int(t) for t in args.tokens.split(",")):
         for mode in args.modes.split(","):
             variants = ["naive"] + [f"chunk-{c}" for c in chunks]
-            variants += [f"chunk-{c}+ckpt" for c in chunks if mode == "train" and c == 1024]
             naive = None
             for variant in variants:
                 spec = {"device": args.device, "dtype": dtype, "vocab": args.vocab, "hidden": args.hidden,

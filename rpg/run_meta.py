@@ -23,6 +23,16 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+#: Also allowed to change when a run resumes from its checkpoints (extending or re-scheduling it).
+RESUMABLE_KEYS = ("steps", "eval_every", "save_every")
+
+
+def resume_key(cfg) -> str:
+    """What a checkpoint must match to be resumed: the config hash without RESUMABLE_KEYS."""
+    d = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    return config_hash({k: v for k, v in d.items() if k not in RESUMABLE_KEYS})
+
+
 def git_state() -> tuple[str, bool]:
     def git(*args):
         return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()

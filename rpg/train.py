@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from rpg import checkpoint
 from rpg.backend import make_backend
 from rpg.build import build_data, build_optimizer, build_policy
-from rpg.config import loss_params, validate
+from rpg.config import ConfigError, loss_params, validate
 from rpg.core.advantages import ADVANTAGES
 from rpg.core.losses import POLICY_LOSSES
 from rpg.evaluation import evaluate_policy
@@ -30,7 +30,7 @@ from rpg.rewards import get_reward_fn
 from rpg.rollout import make_engine
 from rpg.rollout.mismatch import mismatch_metrics
 from rpg.rollouts import PromptSampler, collect
-from rpg.run_meta import Terminated, config_hash, git_state, raise_on_sigterm, run_name
+from rpg.run_meta import Terminated, config_hash, git_state, raise_on_sigterm, resume_key, run_name
 from rpg.tracking import MLflowTracker, NullTracker
 from rpg.update import RolloutBatch, policy_update
 
@@ -112,6 +112,10 @@ def run(cfg) -> dict[str, float]:
     start_step, run_id, opt_steps = 0, None, 0
     state = backend.load(ckpt_dir, module, optimizer, ref_model) if cfg.resume == "auto" else None
     if state is not None:
+        if state.get("resume_key", resume_key(cfg)) != resume_key(cfg):
+            raise ConfigError(f"{ckpt_dir} holds checkpoints of a different configuration (only steps, eval_every "
+                              "and save_every may change on resume): set out_dir to a new directory, or delete "
+                              f"{ckpt_dir} to start this configuration over there")
         scheduler.load_state_dict(state["scheduler"])
         reference.load_state_dict(state["reference"])
         sampler.load_state_dict(state["sampler"])
@@ -199,7 +203,8 @@ def run(cfg) -> dict[str, float]:
                 backend.save(ckpt_dir, done, {
                     "scheduler": scheduler.state_dict(), "reference": reference.state_dict(),
                     "sampler": sampler.state_dict(), "shuffle": shuffle.get_state(), "rng": checkpoint.rng_state(),
-                    "step": done, "run_id": run_id, "optimizer_steps": opt_steps}, module, optimizer, ref_model)
+                    "step": done, "run_id": run_id, "optimizer_steps": opt_steps, "resume_key": resume_key(cfg)},
+                    module, optimizer, ref_model)
     except (KeyboardInterrupt, Terminated, SystemExit):
         tracker.end("KILLED")
         raise

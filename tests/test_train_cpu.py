@@ -156,3 +156,13 @@ def test_killed_run_resumes_to_the_same_result(make_cfg, tmp_path, fast_override
         for step in ha[key]:
             assert ha[key][step] == pytest.approx(hb[key][step], rel=1e-6, abs=1e-9), (key, step)
     assert sorted(hb["train/acc"]) == [1, 2, 3, 4, 5]
+
+
+def test_resume_refuses_checkpoints_of_another_config(make_cfg, tmp_path):
+    from rpg.config import ConfigError
+
+    run(make_cfg("steps=1", "eval_every=0", out_dir=tmp_path / "shared"))
+    run(make_cfg("steps=2", "eval_every=0", out_dir=tmp_path / "shared"))  # extending a run is a resume
+    assert sorted(p.name for p in (tmp_path / "shared" / "checkpoints").glob("step_*.pt")) == ["step_1.pt", "step_2.pt"]
+    with pytest.raises(ConfigError, match="different configuration"):
+        run(make_cfg("steps=3", "eval_every=0", "optim.lr=3e-4", out_dir=tmp_path / "shared"))
