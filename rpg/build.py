@@ -46,7 +46,7 @@ def build_policy(cfg):
     else:
         raise ValueError(f"model.kind={m.kind!r}; use tiny or pretrained")
     if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP2-safe
     model.to(cfg.engine.device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.train(), tokenizer, info

@@ -23,9 +23,13 @@ steady state, built from these assumptions (bytes per GPU, ``world = engine.num_
   RMSNorm, q/k/v/o, RoPE, SDPA attention and the SwiGLU MLP; with gradient checkpointing only each
   layer's input (H values) is kept, plus one layer's full set while it is recomputed;
 - rpg.logprobs.response_logprobs projects ``engine.logprob_chunk`` positions at a time to the vocabulary
-  in float32, but with gradients on, autograd keeps each chunk's float32 logits until backward: the
-  whole micro-batch's [responses x response_len, vocab] float32 logits, plus about three chunk-sized
-  buffers while a chunk is computed;
+  in float32; with gradients on, each chunk runs under activation checkpointing, so no logits are kept
+  for backward. What the micro-batch keeps is the head's inputs, which the checkpoints save: the final
+  hidden states of the response positions ([responses x response_len, hidden] in ``engine.dtype``) and
+  their int64 target ids, plus the float32 log-prob of each response token. Logits exist for one chunk at a time: about
+  four [chunk, vocab] float32 buffers while a chunk is computed, or recomputed and differentiated in
+  backward (logits, the logsumexp and gather gradients and their sum). The hidden states' gradient, of
+  the same size as the states, exists only while the head's backward runs and is not counted;
 - vLLM holds ``engine.vllm_gpu_memory_utilization`` of the GPU while generating; asleep
   (``engine.vllm_sleep``) it holds nothing during training (CUDA-graph pools not counted);
 - a fixed 2 GiB on CUDA for the CUDA context, NCCL buffers and allocator fragmentation.
@@ -41,6 +45,7 @@ from pathlib import Path
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_OVERHEAD_BYTES = 2 * GIB
+LOGPROB_CHUNK_BUFFERS = 4  # [chunk, vocab] float32 buffers alive at once in the chunked log-prob head
 ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",
              "max_position_embeddings", "attention_bias")
@@ -154,8 +159,8 @@ def memory_terms(a: Arch, s: Setup) -> dict[str, dict[str, float]]:
     else:
         train["activations"] = a.num_hidden_layers * full_layer
     resp_tokens = s.micro_rows * s.response_len
-    train["log-prob logits kept for backward"] = resp_tokens * a.vocab_size * 4
-    train["log-prob chunk buffers"] = min(s.logprob_chunk, resp_tokens) * a.vocab_size * (s.compute_bytes + 8)
+    train["log-prob head inputs kept for backward"] = resp_tokens * (a.hidden_size * s.compute_bytes + 8 + 4)
+    train["log-prob chunk buffers"] = min(s.logprob_chunk, resp_tokens) * a.vocab_size * 4 * LOGPROB_CHUNK_BUFFERS
     if s.vllm_fraction and not s.vllm_sleep:
         train["vLLM (awake)"] = s.vllm_fraction * s.gpu_bytes
     generate = {k: train[k] for k in ("weights", "optimizer (AdamW m, v)", "reference copy") if k in train}
@@ -252,16 +257,15 @@ def memory_warnings(cfg, a: Arch, s: Setup, terms: dict, totals: dict) -> list[s
     out, budget, train = [], s.gpu_bytes, terms["train"]
     if totals["train"] > budget:
         fixes = []
-        if train["log-prob logits kept for backward"] > 0.2 * budget:
-            fixes.append(f"lower ppo.micro_batch_size (now {s.micro_rows}): the micro-batch's float32 logits alone "
-                         f"take {_gib(train['log-prob logits kept for backward'])}")
         act = train.get("activations")
         if act is not None and act > 0.1 * budget:
             fixes.append("set model.gradient_checkpointing=true")
         elif train.get("activations (checkpointed)", 0) > 0.2 * budget:
-            fixes.append("lower ppo.micro_batch_size or data.max_response_len (activations)")
+            fixes.append(f"lower ppo.micro_batch_size (now {s.micro_rows}) or data.max_response_len: the "
+                         f"micro-batch's activations alone take {_gib(train['activations (checkpointed)'])}")
         if train["log-prob chunk buffers"] > 0.1 * budget:
-            fixes.append(f"lower engine.logprob_chunk (now {s.logprob_chunk})")
+            fixes.append(f"lower engine.logprob_chunk (now {s.logprob_chunk}): one chunk's float32 logits and their "
+                         f"gradients alone take {_gib(train['log-prob chunk buffers'])}")
         if train["weights"] + train["gradients"] + train["optimizer (AdamW m, v)"] > 0.3 * budget:
             fixes.append(f"raise engine.num_gpus / engine.nodes (now sharded over {s.world})")
         if "vLLM (awake)" in train:

@@ -76,6 +76,8 @@ def engine_options(cfg) -> dict:
                "kv_cache_memory_bytes": e.vllm_kv_cache_bytes, "seed": cfg.seed}
     if e.backend == "fsdp":  # the engine gets its own process, outside the trainer's process group
         options["in_process"] = False
+    if e.device.startswith("cuda"):
+        options["enable_sleep_mode"] = e.vllm_sleep
     return options
 
 
@@ -160,6 +162,8 @@ def run(cfg) -> dict[str, float]:
         for step in bar:
             t0 = time.perf_counter()
             batch = backend.broadcast(collect(engine, tokenizer, train_set, sampler, cfg, reward_fn) if engine else None)
+            if engine is not None:
+                engine.sleep()  # vLLM on CUDA with engine.vllm_sleep: free its memory until the next sync
             t_rollout = time.perf_counter() - t0
             gens = batch.gens
             mask = gens.response_mask.float()

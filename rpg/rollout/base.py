@@ -46,7 +46,10 @@ class RolloutEngine(Protocol):
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> Generations: ...
 
     def sync_weights(self, model) -> None:
-        """Make the engine sample from ``model``'s current weights."""
+        """Make the engine sample from ``model``'s current weights (anything with ``state_dict()``)."""
+
+    def sleep(self) -> None:
+        """Release accelerator memory for the training phase, if the engine can; sync_weights wakes it."""
 
     def close(self) -> None: ...
 

@@ -42,6 +42,9 @@ class HFEngine:
         if model is not self.model:
             self.model.load_state_dict(model.state_dict())
 
+    def sleep(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

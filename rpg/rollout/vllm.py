@@ -118,6 +118,7 @@ class VLLMEngine:
             raise ValueError(f"sleep_level={sleep_level}: use 1 (offload weights) or 2 (discard them)")
         self.tokenizer, self.dtype = tokenizer, _DTYPES[dtype]
         self.sleep_level, self.sync_chunk_bytes = sleep_level, sync_chunk_bytes
+        self.sleep_enabled = enable_sleep_mode
         self._asleep, self._tmpdir = False, None
         path, needs_sync = self._model_dir(model, model_path)
         if in_process:
@@ -231,7 +232,10 @@ class VLLMEngine:
     # -- memory ----------------------------------------------------------------------------------
 
     def sleep(self) -> None:
-        """Free GPU memory for training (``enable_sleep_mode=True``); weights come back on wake/sync."""
+        """Free GPU memory for training (``enable_sleep_mode=True``; otherwise nothing happens); weights
+        come back on wake/sync."""
+        if not self.sleep_enabled:
+            return
         self.llm.sleep(level=self.sleep_level)
         self._asleep = True
 

@@ -1,7 +1,7 @@
 """The FSDP2 backend on 2 gloo ranks (CPU), started with torchrun as users start it.
 
 1. One policy update on a fixed batch equals the one-process update (exact loss normalisation across
-   ranks and micro-batches): weights after two SGD steps agree to 1e-5 (measured 1.4e-7; the update
+   ranks and micro-batches; also with activation checkpointing): weights after two SGD steps agree to 1e-5 (measured 1.4e-7; the update
    moves weights by ~0.6), metrics to a relative 1e-5.
 2. A run interrupted after 2 steps and resumed from its distributed checkpoint ends bit-identical to an
    uninterrupted 4-step run.
@@ -34,8 +34,9 @@ def torchrun(python, *args, nproc=2, timeout=600, cwd=None):
     return proc
 
 
-@pytest.mark.parametrize("loss,agg", [("rpg_rf_urkl", "seq-mean-token-mean"), ("rpg_ufkl", "token-mean")])
-def test_two_ranks_update_equals_one_process(tmp_path, loss, agg):
+@pytest.mark.parametrize("loss,agg,checkpointing", [("rpg_rf_urkl", "seq-mean-token-mean", False),
+                                                    ("rpg_ufkl", "token-mean", True)])
+def test_two_ranks_update_equals_one_process(tmp_path, loss, agg, checkpointing):
     from rpg.models.tiny import build_char_tokenizer, build_tiny_model
 
     spec = importlib.util.spec_from_file_location("update_worker", WORKER)
@@ -43,8 +44,9 @@ def test_two_ranks_update_equals_one_process(tmp_path, loss, agg):
     spec.loader.exec_module(worker)
     one_process = worker.main
 
-    one_process(str(tmp_path / "local.pt"), loss, agg, 8)  # one micro-batch per mini-batch
-    torchrun(sys.executable, WORKER, tmp_path / "fsdp.pt", loss, agg, 2)  # 2 ranks x 2 micro-batches
+    flag = ["checkpointing"] if checkpointing else []
+    one_process(str(tmp_path / "local.pt"), loss, agg, 8)  # one micro-batch per mini-batch, no checkpointing
+    torchrun(sys.executable, WORKER, tmp_path / "fsdp.pt", loss, agg, 2, *flag)  # 2 ranks x 2 micro-batches
     a, b = torch.load(tmp_path / "local.pt"), torch.load(tmp_path / "fsdp.pt")
     init = build_tiny_model(seed=0, tokenizer=build_char_tokenizer()).state_dict()
     assert sorted(a["weights"]) == sorted(b["weights"]) == sorted(init)

@@ -2,6 +2,7 @@
 
     python tests/distributed/update_worker.py OUT LOSS AGG MICRO              # one process, local backend
     torchrun --nproc-per-node 2 tests/distributed/update_worker.py OUT ...    # FSDP2 over 2 gloo ranks
+    ... OUT LOSS AGG MICRO checkpointing                                       # with activation checkpointing
 
 Rank 0 saves the full weights after the update and the update's metrics to OUT (torch.save).
 SGD with lr = 1 and no clipping, so the weight change is exactly minus the summed gradients.
@@ -43,7 +44,7 @@ def fixed_batch(lm) -> RolloutBatch:
     return RolloutBatch(ids, attn, resp_mask, old * resp_mask, ref * resp_mask, adv, PROMPT)
 
 
-def main(out: str, loss: str, agg: str, micro: int) -> None:
+def main(out: str, loss: str, agg: str, micro: int, checkpointing: bool = False) -> None:
     torch.set_num_threads(1)
     distributed = "RANK" in os.environ
     cfg = OmegaConf.create({"engine": {"backend": "fsdp" if distributed else "local", "device": "cpu",
@@ -52,6 +53,8 @@ def main(out: str, loss: str, agg: str, micro: int) -> None:
     backend = make_backend(cfg)
     lm = build_tiny_model(seed=0, tokenizer=build_char_tokenizer())
     batch = fixed_batch(lm)
+    if checkpointing:  # activation checkpointing as rpg.build enables it
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = backend.wrap(lm)
     optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -66,4 +69,4 @@ def main(out: str, loss: str, agg: str, micro: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:] == ["checkpointing"])
