@@ -24,12 +24,12 @@ steady state, built from these assumptions (bytes per GPU, ``world = engine.num_
   layer's input (H values) is kept, plus one layer's full set while it is recomputed;
 - rpg.logprobs.response_logprobs projects ``engine.logprob_chunk`` positions at a time to the vocabulary
   in float32; with gradients on, each chunk runs under activation checkpointing, so no logits are kept
-  for backward. What the micro-batch keeps is the head's inputs, which the checkpoints save: the final
+  for backward. What the micro-batch keeps is what the checkpoints save, the head's inputs: the final
   hidden states of the response positions ([responses x response_len, hidden] in ``engine.dtype``) and
-  their int64 target ids, plus the float32 log-prob of each response token. Logits exist for one chunk at a time: about
-  four [chunk, vocab] float32 buffers while a chunk is computed, or recomputed and differentiated in
-  backward (logits, the logsumexp and gather gradients and their sum). The hidden states' gradient, of
-  the same size as the states, exists only while the head's backward runs and is not counted;
+  their int64 target ids, plus the float32 log-prob of each response token. Logits exist for one chunk
+  at a time: about four [chunk, vocab] float32 buffers while a chunk is computed, or recomputed and
+  differentiated in backward (the logits, the logsumexp and gather gradients and their sum). The hidden
+  states' gradient, as large as the states, exists only while the head's backward runs (not counted);
 - vLLM holds ``engine.vllm_gpu_memory_utilization`` of the GPU while generating; asleep
   (``engine.vllm_sleep``) it holds nothing during training (CUDA-graph pools not counted);
 - a fixed 2 GiB on CUDA for the CUDA context, NCCL buffers and allocator fragmentation.

@@ -71,15 +71,70 @@ def test_sharded_terms_halve_with_twice_the_gpus():
     assert t8["reference copy"] == n * 4 / 8  # a frozen copy of the float32 policy, sharded
     for key in ("weights", "gradients", "optimizer (AdamW m, v)", "reference copy"):
         assert t16[key] == t8[key] / 2, key
-    for key in ("activations (checkpointed)", "log-prob logits kept for backward", "FSDP gathered weights + grads"):
+    for key in ("activations (checkpointed)", "log-prob head inputs kept for backward", "log-prob chunk buffers",
+                "FSDP gathered weights + grads"):
         assert t16[key] == t8[key], key
-    assert t8["log-prob logits kept for backward"] == 4 * 2048 * 151936 * 4
     full = plan.memory_terms(a, replace(s, gradient_checkpointing=False))["train"]["activations"]
     assert full == 36 * 4 * 4096 * plan.activation_values_per_token_layer(a) * 2
     assert t8["activations (checkpointed)"] < full / 10
     assert "reference copy" not in plan.memory_terms(a, replace(s, reference=False))["train"]
     awake = plan.memory_terms(a, replace(s, vllm_sleep=False))["train"]
     assert awake["vLLM (awake)"] == 0.6 * 80 * plan.GIB
+
+
+def test_log_prob_terms_follow_the_checkpointed_chunks():
+    """No logits are kept across the micro-batch: only the head's inputs grow with it, the chunk buffers do not."""
+    a = plan.Arch.from_dict(model_arch("qwen3_4b"))
+    s = plan.Setup(world=8, state_bytes=4, compute_bytes=2, fsdp=True, micro_rows=4, prompt_len=2048,
+                   response_len=8192, gradient_checkpointing=True, logprob_chunk=1024, reference=False, cuda=True,
+                   vllm_fraction=0.6, vllm_sleep=True, gpu_bytes=80 * plan.GIB)
+    t = plan.memory_terms(a, s)["train"]
+    assert not any("logits" in key for key in t)
+    assert t["log-prob head inputs kept for backward"] == 4 * 8192 * (2560 * 2 + 8 + 4)  # bf16 states, ids, logp
+    assert t["log-prob chunk buffers"] == 1024 * 151936 * 4 * 4  # four float32 [chunk, vocab] buffers
+    big = plan.memory_terms(a, replace(s, micro_rows=16))["train"]
+    assert big["log-prob head inputs kept for backward"] == 4 * t["log-prob head inputs kept for backward"]
+    assert big["log-prob chunk buffers"] == t["log-prob chunk buffers"]
+    wide = plan.memory_terms(a, replace(s, logprob_chunk=4096))["train"]
+    assert wide["log-prob chunk buffers"] == 4 * t["log-prob chunk buffers"]
+    assert wide["log-prob head inputs kept for backward"] == t["log-prob head inputs kept for backward"]
+    short = plan.memory_terms(a, replace(s, micro_rows=1, response_len=512))["train"]  # chunk > response tokens
+    assert short["log-prob chunk buffers"] == 512 * 151936 * 4 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_inputs_term_is_what_autograd_saves(dtype):
+    """Every tensor saved for backward by the chunked log-prob head, outside its checkpoints, adds up to the term."""
+    from types import SimpleNamespace
+
+    from rpg.logprobs import response_logprobs
+
+    rows, prompt, response, hidden, vocab, chunk = 3, 5, 40, 16, 1009, 16
+    torch.manual_seed(0)
+    states = torch.randn(rows, prompt + response, hidden, dtype=dtype, requires_grad=True)
+    head = torch.nn.Linear(hidden, vocab, bias=False, dtype=dtype)
+    model = SimpleNamespace(get_decoder=lambda: lambda **_: SimpleNamespace(last_hidden_state=states * 1),
+                            get_output_embeddings=lambda: head)
+    ids = torch.randint(0, vocab, (rows, prompt + response))
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logp, _ = response_logprobs(model, ids, torch.ones_like(ids), prompt, chunk_tokens=chunk)
+    a = plan.Arch.from_dict({"model_type": "qwen2", "vocab_size": vocab, "hidden_size": hidden,
+                             "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2})
+    s = plan.Setup(world=1, state_bytes=4, compute_bytes=plan.DTYPE_BYTES[str(dtype).split(".")[1]], fsdp=False,
+                   micro_rows=rows, prompt_len=prompt, response_len=response, gradient_checkpointing=False,
+                   logprob_chunk=chunk, reference=False, cuda=False, vllm_fraction=0.0, vllm_sleep=False, gpu_bytes=0)
+    term = plan.memory_terms(a, s)["train"]["log-prob head inputs kept for backward"]
+    assert logp.shape == (rows, response) and logp.dtype == torch.float32
+    assert max(saved.values()) < chunk * vocab * 4  # nothing logit-sized survives the forward
+    assert sum(saved.values()) + logp.numel() * 4 == term
+    logp.sum().backward()
+    assert states.grad is not None and head.weight.grad is not None
 
 
 def test_paper_setting_fits_and_a_too_large_micro_batch_warns():
@@ -91,6 +146,10 @@ def test_paper_setting_fits_and_a_too_large_micro_batch_warns():
     assert big["setup"].micro_rows == 64 and big["totals"]["train"] > 80 * plan.GIB
     (warning,) = [w for w in big["warnings"] if w.startswith("training needs")]
     assert "ppo.micro_batch_size (now 64)" in warning and "engine.gpu_memory_gib=80" in warning
+    assert "engine.logprob_chunk" not in warning  # the chunk does not grow with the micro-batch
+    wide = plan.estimate(cfg_of(*GPU, "model=qwen3_4b", "context=8k", "engine.logprob_chunk=32768"))
+    (warning,) = [w for w in wide["warnings"] if w.startswith("training needs")]
+    assert "lower engine.logprob_chunk (now 32768)" in warning and "ppo.micro_batch_size" not in warning
     no_ckpt = plan.estimate(cfg_of(*GPU, "model=qwen3_4b", "context=8k", "model.gradient_checkpointing=false"))
     assert any("model.gradient_checkpointing=true" in w for w in no_ckpt["warnings"])
     greedy_vllm = plan.estimate(cfg_of(*GPU, "model=qwen2_5_7b_instruct", "engine.vllm_gpu_memory_utilization=0.95"))
@@ -138,7 +197,8 @@ def test_dry_run_command(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "4,022,468,096 parameters" in out and "an estimate" in out
-    assert "log-prob logits kept for backward" in out and "vLLM weights + KV cache" in out
+    assert "log-prob head inputs kept for backward" in out and "vLLM weights + KV cache" in out
+    assert "logits kept" not in out
     assert "of 80 GiB: fits" in out and "DOES NOT FIT" not in out
     assert f"WARNING: model.path={tmp_path / 'models'}/Qwen3-4B holds no config.json" in out
     assert f"WARNING: data.train_path={tmp_path / 'data'}/dapo-math-17k.parquet not found: set data.train_path=" in out
