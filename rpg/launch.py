@@ -103,8 +103,19 @@ def make_executor(kind: str, params: dict[str, Any]) -> submitit.Executor:
 
 
 def export_torch_distributed_env() -> None:
-    """In a SLURM task started by submitit: set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT."""
-    submitit.helpers.TorchDistributedEnvironment().export()
+    """In a SLURM task started by submitit: set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+
+    MASTER_ADDR defaults to the first node's name; a value already in the environment (e.g. exported by
+    the cluster profile's setup lines where node names do not resolve) wins, as does MASTER_PORT. Every
+    GPU stays visible to every task; each task uses the one of its LOCAL_RANK.
+    """
+    addr, port = os.environ.pop("MASTER_ADDR", None), os.environ.pop("MASTER_PORT", None)
+    if port:
+        os.environ["MASTER_PORT"] = port  # submitit reads it back as the port to use
+    env = submitit.helpers.TorchDistributedEnvironment()
+    os.environ.pop("MASTER_PORT", None)
+    env.master_addr = addr or env.master_addr
+    env.export(set_cuda_visible_devices=False)
 
 
 def append_record(out_dir: str | os.PathLike, **record: Any) -> None:
@@ -146,11 +157,13 @@ class TrainJob(Checkpointable):
         cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), config)
         out_dir = Path(cfg.out_dir)
         try:
-            job_id = submitit.JobEnvironment().job_id
+            env = submitit.JobEnvironment()
+            job_id, rank = env.job_id, env.global_rank  # FSDP runs: one task per GPU, rank 0 records
         except RuntimeError:  # not inside a submitit job
-            job_id = "inline"
-        append_record(out_dir, event="start", job_id=job_id, host=socket.gethostname(), pid=os.getpid(),
-                      resume_step=_latest_step(out_dir))
+            job_id, rank = "inline", 0
+        if rank == 0:
+            append_record(out_dir, event="start", job_id=job_id, host=socket.gethostname(), pid=os.getpid(),
+                          resume_step=_latest_step(out_dir))
         return run(cfg)
 
     def checkpoint(self, config: dict) -> submitit.helpers.DelayedSubmission:
@@ -162,7 +175,9 @@ class TrainJob(Checkpointable):
         import signal
 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        append_record(config["out_dir"], event="preempted", job_id=submitit.JobEnvironment().job_id)
+        env = submitit.JobEnvironment()
+        if env.global_rank == 0:
+            append_record(config["out_dir"], event="preempted", job_id=env.job_id)
         return super().checkpoint(config)
 
 
