@@ -117,6 +117,9 @@ class RolloutConfig:
     samples_per_prompt: int = 8  # G, the group size
     temperature: float = 1.0
     top_p: float = 1.0
+    # engine.rollout=vllm: truncated importance sampling against sampler/trainer mismatch; each token's
+    # loss is multiplied by min(pi_old / pi_sampler, tis_cap) (null = off; typical 2.0)
+    tis_cap: Optional[float] = None
 
 
 @dataclass
@@ -222,6 +225,12 @@ def validate(cfg) -> None:
         raise ConfigError(f"engine.rollout={e.rollout!r}; use hf or vllm")
     if e.backend not in ("local", "fsdp"):
         raise ConfigError(f"engine.backend={e.backend!r}; use local (one process) or fsdp (torchrun / SLURM tasks)")
+    if r.tis_cap is not None:
+        if e.rollout != "vllm" or r.tis_cap <= 0:
+            raise ConfigError(f"rollout.tis_cap={r.tis_cap} corrects vLLM's sampling mismatch: use it with "
+                              "engine.rollout=vllm and a cap > 0 (typical 2.0), or set rollout.tis_cap=null")
+        if a.level != "token" or a.agg == "seq-mean":
+            raise ConfigError("rollout.tis_cap weights tokens: it needs algo.level=token and a token aggregation")
     for key in ("dtype", "param_dtype"):
         if e[key] not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"engine.{key}={e[key]!r}; use float32, bfloat16 or float16")

@@ -28,7 +28,7 @@ from rpg.logprobs import response_logprobs
 from rpg.reference import Reference, needs_model
 from rpg.rewards import get_reward_fn
 from rpg.rollout import make_engine
-from rpg.rollout.mismatch import mismatch_metrics
+from rpg.rollout.mismatch import mismatch_metrics, tis_weights
 from rpg.rollouts import PromptSampler, collect
 from rpg.run_meta import Terminated, config_hash, git_state, raise_on_sigterm, resume_key, run_name
 from rpg.tracking import MLflowTracker, NullTracker
@@ -170,8 +170,11 @@ def run(cfg) -> dict[str, float]:
             old_logp, entropy = score_logprobs(module, gens, cfg, backend, with_entropy=True)
             ref_logp = reference.logprobs(lambda m: score_logprobs(m, gens, cfg, backend)[0], old_logp)
             advantages = advantage_fn(batch.scores, batch.group_ids, mask)
+            tis = None
+            if cfg.rollout.tis_cap and gens.sampler_logp is not None:
+                tis = tis_weights(old_logp, gens.sampler_logp, mask, cfg.rollout.tis_cap)
             rb = RolloutBatch(gens.input_ids, gens.attention_mask, gens.response_mask, old_logp, ref_logp,
-                              advantages, gens.prompt_ids.shape[1])
+                              advantages, gens.prompt_ids.shape[1], tis)
             t1 = time.perf_counter()
             metrics = policy_update(module, optimizer, scheduler, rb, loss_fn, params, epochs=cfg.ppo.epochs,
                                     mini_batch_size=cfg.ppo.mini_batch_size, micro_batch_size=cfg.ppo.micro_batch_size,
@@ -186,6 +189,9 @@ def run(cfg) -> dict[str, float]:
             metrics.update(batch.stats)
             if gens.sampler_logp is not None:  # vLLM: how far the sampler is from the trainer
                 metrics.update(mismatch_metrics(gens.sampler_logp, old_logp, mask))
+            if tis is not None:
+                metrics.update({"rollout/tis_weight_mean": (tis * mask).sum().item() / mask.sum().item(),
+                                "rollout/tis_frac_capped": ((tis >= cfg.rollout.tis_cap) * mask).sum().item() / mask.sum().item()})
             metrics.update({
                 "train/score_mean": batch.scores.mean().item(), "train/acc": batch.acc.mean().item(),
                 "train/response_length_mean": lengths.mean().item(), "train/response_length_max": lengths.max().item(),

@@ -25,7 +25,7 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class RolloutBatch:
     """Everything the update needs; rows are responses.  input_ids/attention_mask [B, P + R];
-    response_mask, old_logp, ref_logp [B, R]; advantages [B]."""
+    response_mask, old_logp, ref_logp, token_weights [B, R]; advantages [B]."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -34,14 +34,16 @@ class RolloutBatch:
     ref_logp: torch.Tensor
     advantages: torch.Tensor
     prompt_len: int
+    token_weights: torch.Tensor | None = None  # [B, R] per-token loss factors (truncated IS), or None
 
     def rows(self, idx: torch.Tensor) -> "RolloutBatch":
         """A subset of rows, trimmed to the longest response it holds."""
         width = max(int(self.response_mask[idx].sum(-1).max()), 1)
         p = self.prompt_len
+        weights = None if self.token_weights is None else self.token_weights[idx, :width]
         return RolloutBatch(self.input_ids[idx, : p + width], self.attention_mask[idx, : p + width],
                             self.response_mask[idx, :width], self.old_logp[idx, :width],
-                            self.ref_logp[idx, :width], self.advantages[idx], p)
+                            self.ref_logp[idx, :width], self.advantages[idx], p, weights)
 
 
 _MAX_METRICS = ("is/weight_max",)
@@ -74,7 +76,7 @@ def policy_update(model, optimizer, scheduler, batch: RolloutBatch, loss_fn: Cal
                 logp, _ = response_logprobs(model, micro.input_ids, micro.attention_mask, micro.prompt_len,
                                             temperature, chunk_tokens)
                 out = loss_fn(logp, micro.old_logp, micro.ref_logp, micro.advantages,
-                              micro.response_mask.float(), params, totals)
+                              micro.response_mask.float(), params, totals, token_weights=micro.token_weights)
                 if not backend.all_finite(bool(torch.isfinite(out.loss))):
                     raise NonFiniteLossError(
                         f"loss is {out.loss.item()} at optimizer step {steps}; metrics: "

@@ -85,6 +85,8 @@ def test_non_finite_loss_stops_the_run_and_marks_it_failed(make_cfg, tmp_path):
     ("algo.clip_low=1.5", "clip_low must be in"),
     ("algo.loss=nope", "valid|use one of"),
     ("algo.ref_update=sometimes", "ref_update"),
+    ("rollout.tis_cap=2.0", "engine.rollout=vllm"),
+    ("engine.backend=ddp", "use local .one process. or fsdp"),
 ])
 def test_inconsistent_config_fails_before_work(make_cfg, override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):

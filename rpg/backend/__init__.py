@@ -13,7 +13,7 @@ Both expose the same small interface, so the RL loop in rpg/train.py is written 
   gather_rows(t)         every rank's rows back in order (the inverse of local_rows over a batch)
   broadcast(obj)         rank 0's value on every rank
   all_finite(flag)       True on every rank only if it is True on every rank
-  reduce_metrics(s, c)   metric sums/counts (and maxima) summed over ranks
+  reduce_metrics(s, w)   metric sums and weights summed (maxima: max) over ranks
   full_weights(module)   the full weights in the model's own names (rank 0; None elsewhere)
   save / load            checkpoints that resume exactly
 """

@@ -32,10 +32,10 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from rpg import checkpoint
 from rpg.backend.local import frozen_copy
+from rpg.build import DTYPES
 from rpg.config import ConfigError
 from rpg.logprobs import ResponseScorer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PREFIX = "lm."
 
 
@@ -153,23 +153,20 @@ class FSDPBackend:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
-    def reduce_metrics(self, sums: dict, counts: dict, max_keys=()) -> tuple[dict, dict]:
+    def reduce_metrics(self, sums: dict, weights: dict, max_keys=()) -> tuple[dict, dict]:
         keys = sorted(sums)
         add = [k for k in keys if k not in max_keys]
         mx = [k for k in keys if k in max_keys]
         if add:
-            t = torch.tensor([[sums[k] for k in add], [counts[k] for k in add]], dtype=torch.float64, device=self.device)
+            t = torch.tensor([[sums[k] for k in add], [weights[k] for k in add]], dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
             sums.update(zip(add, t[0].tolist()))
-            counts.update(zip(add, t[1].tolist()))
+            weights.update(zip(add, t[1].tolist()))
         if mx:
             t = torch.tensor([sums[k] for k in mx], dtype=torch.float64, device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             sums.update(zip(mx, t.tolist()))
-        return sums, counts
-
-    def barrier(self) -> None:
-        dist.barrier()
+        return sums, weights
 
     # -- checkpoints ------------------------------------------------------------------------------
 

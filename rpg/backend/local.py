@@ -20,8 +20,8 @@ class LocalBackend:
     name = "local"
     rank, world_size, is_main = 0, 1, True
 
-    def __init__(self, cfg=None):
-        self.cfg = cfg
+    def __init__(self, cfg=None):  # nothing to set up
+        pass
 
     def main_first(self, fn):
         return fn()
@@ -44,14 +44,11 @@ class LocalBackend:
     def all_finite(self, flag: bool) -> bool:
         return flag
 
-    def reduce_metrics(self, sums: dict, counts: dict, max_keys=()) -> tuple[dict, dict]:
-        return sums, counts
+    def reduce_metrics(self, sums: dict, weights: dict, max_keys=()) -> tuple[dict, dict]:
+        return sums, weights
 
     def full_weights(self, module):
         return module
-
-    def barrier(self) -> None:
-        pass
 
     def save(self, ckpt_dir, step: int, state: dict, module, optimizer, ref_module=None, keep_last: int = 3) -> None:
         checkpoint.save_checkpoint(ckpt_dir, step, {

@@ -24,12 +24,13 @@ from rpg.core.samples import build_samples, zero_padding
 from rpg.core.types import BatchTotals, LossOutput, LossParams
 
 
-def _ppo_with_penalty(penalty: torch.Tensor | None, s, logp, ref_logp, mask, params, totals) -> LossOutput:
+def _ppo_with_penalty(penalty: torch.Tensor | None, s, logp, ref_logp, mask, params, totals,
+                      token_weights) -> LossOutput:
     pg, branches = clipped_pg_term(s.w, s.adv, params)
-    pg_loss = aggregate(pg, mask, params.agg, totals)
+    pg_loss = aggregate(pg, mask, params.agg, totals, token_weights)
     loss, metrics = pg_loss, {"loss/pg": pg_loss.detach()}
     if penalty is not None:
-        kl_loss = aggregate(penalty, mask, params.agg, totals)
+        kl_loss = aggregate(penalty, mask, params.agg, totals, token_weights)
         loss = loss + params.kl_coef * kl_loss
         metrics["loss/kl"] = kl_loss.detach()
     metrics.update(clip_metrics(branches, s.valid))
@@ -45,21 +46,24 @@ def _token_samples(logp, old_logp, ref_logp, advantages, mask, params: LossParam
 
 
 @POLICY_LOSSES.register("grpo")
-def grpo(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None) -> LossOutput:
+def grpo(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None,
+         token_weights=None) -> LossOutput:
     """GRPO: per token  max(-w A, -clip(w) A) + beta * k3(pi_ref/pi_theta)  (Shao et al. 2024; paper Section 2.2)."""
     s, logp, ref_logp = _token_samples(logp, old_logp, ref_logp, advantages, mask, params, "grpo")
-    return _ppo_with_penalty(k3(logp, ref_logp), s, logp, ref_logp, mask, params, totals)
+    return _ppo_with_penalty(k3(logp, ref_logp), s, logp, ref_logp, mask, params, totals, token_weights)
 
 
 @POLICY_LOSSES.register("grpo_is")
-def grpo_is(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None) -> LossOutput:
+def grpo_is(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None,
+            token_weights=None) -> LossOutput:
     """GRPO with the importance-weighted KL: per token  max(-w A, -clip(w) A) + beta * w * k3(pi_ref/pi_theta)."""
     s, logp, ref_logp = _token_samples(logp, old_logp, ref_logp, advantages, mask, params, "grpo_is")
-    return _ppo_with_penalty(s.w * k3(logp, ref_logp), s, logp, ref_logp, mask, params, totals)
+    return _ppo_with_penalty(s.w * k3(logp, ref_logp), s, logp, ref_logp, mask, params, totals, token_weights)
 
 
 @POLICY_LOSSES.register("ppo_clip", "dapo", "reinforce_pp", "reinforce_pp_baseline")
-def ppo_clip(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None) -> LossOutput:
+def ppo_clip(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None,
+             token_weights=None) -> LossOutput:
     """PPO (dual-)clip, per token  max(-w A, -clip(w) A) [min -c A for A < 0] + beta * k_X(logp, ref).
 
     Used by dapo (no KL, clip-higher (0.2, 0.28), token-mean) and reinforce_pp / reinforce_pp_baseline
@@ -71,4 +75,4 @@ def ppo_clip(logp, old_logp, ref_logp, advantages, mask, params: LossParams, tot
     penalty = None
     if params.kl_estimator is not None and params.kl_coef > 0:
         penalty = KL_ESTIMATORS[params.kl_estimator](logp, ref_logp)
-    return _ppo_with_penalty(penalty, s, logp, ref_logp, mask, params, totals)
+    return _ppo_with_penalty(penalty, s, logp, ref_logp, mask, params, totals, token_weights)

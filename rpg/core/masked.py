@@ -30,7 +30,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tens
     return (x - mean) / (var.sqrt() + eps)
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, totals: BatchTotals | None = None) -> torch.Tensor:
+def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, totals: BatchTotals | None = None,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
     """Reduce per-sample losses to the scalar loss.
 
     values: [N, T] per-token losses (token modes) or [N] per-response losses ("seq-mean").
@@ -42,7 +43,14 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, totals: BatchT
       seq-mean            sum_i l_i / num_seqs                            (the paper's (1/N) sum_i)
     Summing the outputs of the micro-batches of one mini-batch, each called with the mini-batch's
     ``totals``, gives exactly the output on the whole mini-batch.
+    weights: optional per-token factors [N, T] (no grad) multiplying ``values`` (token modes only), e.g.
+      truncated importance weights for sampler/trainer mismatch; normalisers are unchanged.
     """
+    if weights is not None:
+        if weights.shape != values.shape:
+            raise ValueError(f"weights has shape {tuple(weights.shape)} but values has {tuple(values.shape)}; "
+                             "per-token weights need a token-level loss (level=token, not agg=seq-mean)")
+        values = values * weights.detach()
     totals = totals or BatchTotals.of(mask)
     lengths = mask.sum(-1)
     has_tokens = (lengths > 0).to(mask.dtype)

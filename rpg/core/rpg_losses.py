@@ -6,7 +6,8 @@ Every variant's exact gradient is  -E_{pi_old}[Weight_X grad log pi_theta]  with
   FKL:  w A + beta rho       RKL:  w (A - beta (d + 1))
   UFKL: w A - beta (w - rho) URKL: w (A - beta d)
 Arguments of every loss: logp, old_logp, ref_logp, mask: [N, T]; advantages: [N];
-params: LossParams; totals: BatchTotals of the whole mini-batch (None = this batch).
+params: LossParams; totals: BatchTotals of the whole mini-batch (None = this batch);
+token_weights: optional [N, T] per-token factors on each sample's loss (level=token; e.g. truncated IS).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ POLICY_LOSSES = Registry("policy loss")
 
 
 def fully_differentiable_loss(kl: str, logp, old_logp, ref_logp, advantages, mask, params: LossParams,
-                              totals: BatchTotals | None = None) -> LossOutput:
+                              totals: BatchTotals | None = None, token_weights=None) -> LossOutput:
     """Per sample  L = clipterm(w, A) + beta * KLterm_X(w, d, rho, log pi)  (Tables 1 and 4, Section 3.3).
 
     The gradient flows through w and d.  clipterm is -w A unclipped, or the PPO dual-clip surrogate
@@ -35,8 +36,8 @@ def fully_differentiable_loss(kl: str, logp, old_logp, ref_logp, advantages, mas
     s = build_samples(logp, old_logp, ref_logp, advantages, mask, params)
     pg, branches = clipped_pg_term(s.w, s.adv, params)
     kl_term = RPG_KL_TERMS[kl](s.w, s.d, s.rho, s.logpi)
-    pg_loss = aggregate(pg, mask, params.agg, totals)
-    kl_loss = aggregate(kl_term, mask, params.agg, totals)
+    pg_loss = aggregate(pg, mask, params.agg, totals, token_weights)
+    kl_loss = aggregate(kl_term, mask, params.agg, totals, token_weights)
     loss = pg_loss + params.kl_coef * kl_loss
     metrics = {"loss/pg": pg_loss.detach(), "loss/kl": kl_loss.detach(), **clip_metrics(branches, s.valid),
                **sample_metrics(s, logp, ref_logp, mask)}
@@ -44,7 +45,7 @@ def fully_differentiable_loss(kl: str, logp, old_logp, ref_logp, advantages, mas
 
 
 def reinforce_loss(kl: str, logp, old_logp, ref_logp, advantages, mask, params: LossParams,
-                   totals: BatchTotals | None = None) -> LossOutput:
+                   totals: BatchTotals | None = None, token_weights=None) -> LossOutput:
     """Per sample  L = -SG(Weight_X) * log pi_theta(x)  (Table 2, Appendix F); only log pi carries gradient.
 
     With clip bounds set, RPG-Style Clip (Section 4.1, Algorithm 2): write Weight = w * A_reg with
@@ -65,15 +66,16 @@ def reinforce_loss(kl: str, logp, old_logp, ref_logp, advantages, mask, params: 
     if params.clipped:
         frozen = (s.adv * branches.bound + kl_part) * nll
         per_sample = torch.where(branches.active, per_sample, frozen)
-    loss = aggregate(per_sample, mask, params.agg, totals)
+    loss = aggregate(per_sample, mask, params.agg, totals, token_weights)
     metrics = {"loss/pg": loss.detach(), "adv/reg_mean": masked_mean(weight / w, s.valid).detach(),
                **clip_metrics(branches, s.valid), **sample_metrics(s, logp, ref_logp, mask)}
     return LossOutput(loss, metrics)
 
 
 def _register(name: str, family, kl: str, doc: str) -> None:
-    def loss_fn(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None):
-        return family(kl, logp, old_logp, ref_logp, advantages, mask, params, totals)
+    def loss_fn(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None,
+                token_weights=None):
+        return family(kl, logp, old_logp, ref_logp, advantages, mask, params, totals, token_weights)
 
     loss_fn.__name__ = loss_fn.__qualname__ = name
     loss_fn.__doc__ = f"{doc}\n\n{family.__doc__}"

@@ -5,7 +5,7 @@
    moves weights by ~0.6), metrics to a relative 1e-5.
 2. A run interrupted after 2 steps and resumed from its distributed checkpoint ends bit-identical to an
    uninterrupted 4-step run.
-3. End to end with vLLM rollouts (CPU build, .venv-vllm): 2 ranks learn the toy task.
+3. End to end with vLLM rollouts (CPU build, .venv-vllm) and truncated IS on: 2 ranks learn the toy task.
 """
 
 from __future__ import annotations
@@ -93,14 +93,17 @@ def test_two_ranks_with_vllm_rollouts_learn_the_toy_task(tmp_path, cache_dir):
         pytest.skip("no .venv-vllm (scripts/setup_vllm_cpu.sh)")
     db = tmp_path / "mlflow.db"
     torchrun(VLLM_PYTHON, "-m", "rpg.main", "engine.backend=fsdp", "engine.rollout=vllm", "ppo.micro_batch_size=64",
-             "steps=30", "eval_every=30", "save_every=0", "data.eval_sets.0.max_problems=100", f"cache_dir={cache_dir}",
+             "steps=30", "eval_every=30", "save_every=0", "rollout.tis_cap=2.0", "data.eval_sets.0.max_problems=100", f"cache_dir={cache_dir}",
              f"out_dir={tmp_path / 'run'}", f"tracking.uri=sqlite:///{db}", cwd=tmp_path, timeout=900)
     import sqlite3
 
     rows = sqlite3.connect(db).execute(
-        "select key, step, value from metrics where key in ('eval/toy/greedy_acc', 'rollout/logp_absdiff_max')").fetchall()
+        "select key, step, value from metrics where key in "
+        "('eval/toy/greedy_acc', 'rollout/logp_absdiff_max', 'rollout/tis_weight_mean')").fetchall()
     acc = {step: v for key, step, v in rows if key == "eval/toy/greedy_acc"}
     assert sorted(acc) == [0, 30]
     assert acc[30] >= acc[0] + 0.2, acc  # measured 0.33 -> 0.8x on one process at step 30
     diffs = [v for key, _, v in rows if key == "rollout/logp_absdiff_max"]
     assert len(diffs) == 30 and max(diffs) < 1e-3  # the engine samples from the synced weights
+    tis = [v for key, _, v in rows if key == "rollout/tis_weight_mean"]  # truncated IS on: weights ~ 1 here
+    assert len(tis) == 30 and all(abs(v - 1) < 1e-3 for v in tis)
