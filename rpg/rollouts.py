@@ -10,7 +10,7 @@ from rpg.build import encode_prompts, prompt_texts
 from rpg.data import PromptSet
 from rpg.rewards import score_safely
 from rpg.rewards.math import overlong_penalty
-from rpg.rollout.base import Generations, SamplingParams
+from rpg.rollout.base import Generations, SamplingParams, concat_generations
 
 
 class DynamicSamplingError(RuntimeError):
@@ -97,7 +97,7 @@ def collect(engine, tokenizer, train: PromptSet, sampler: PromptSampler, cfg, re
                 continue
             kept.append((gens, rows, scores[rows], acc[rows]))
     kept = kept[:want]
-    gens = _concat([_rows(g, s) for g, s, _, _ in kept])
+    gens = concat_generations([_rows(g, s) for g, s, _, _ in kept])
     scores = torch.cat([s for _, _, s, _ in kept])
     acc = torch.cat([x for _, _, _, x in kept])
     stats = {"rollout/gen_rounds": rounds, "rollout/groups_dropped": dropped, "reward/errors": errors,
@@ -108,18 +108,3 @@ def collect(engine, tokenizer, train: PromptSet, sampler: PromptSampler, cfg, re
 def _rows(g: Generations, rows: slice) -> Generations:
     return Generations(g.prompt_ids[rows], g.prompt_mask[rows], g.response_ids[rows], g.response_mask[rows],
                        g.texts[rows], g.truncated[rows], None if g.sampler_logp is None else g.sampler_logp[rows])
-
-
-def _concat(parts: list[Generations]) -> Generations:
-    """Stack generations from several rounds, re-padding prompts (left) and responses (right)."""
-    if len(parts) == 1:
-        return parts[0]
-    p = max(g.prompt_ids.shape[1] for g in parts)
-    r = max(g.response_ids.shape[1] for g in parts)
-    pad_l = lambda t, w: torch.nn.functional.pad(t, (w - t.shape[1], 0))
-    pad_r = lambda t, w: torch.nn.functional.pad(t, (0, w - t.shape[1]))
-    return Generations(
-        torch.cat([pad_l(g.prompt_ids, p) for g in parts]), torch.cat([pad_l(g.prompt_mask, p) for g in parts]),
-        torch.cat([pad_r(g.response_ids, r) for g in parts]), torch.cat([pad_r(g.response_mask, r) for g in parts]),
-        sum((g.texts for g in parts), []), torch.cat([g.truncated for g in parts]),
-        None if parts[0].sampler_logp is None else torch.cat([pad_r(g.sampler_logp, r) for g in parts]))

@@ -29,6 +29,7 @@ from rpg.reference import Reference, needs_model
 from rpg.rewards import get_reward_fn
 from rpg.rollout import make_engine
 from rpg.rollout.mismatch import mismatch_metrics, tis_weights
+from rpg.rollout.sharded import ShardedEngine
 from rpg.rollouts import PromptSampler, collect
 from rpg.run_meta import Terminated, config_hash, git_state, raise_on_sigterm, resume_key, run_name
 from rpg.tracking import MLflowTracker, NullTracker
@@ -93,10 +94,11 @@ def run(cfg) -> dict[str, float]:
 
     model, tokenizer, info = backend.main_first(lambda: build_policy(cfg))
     train_set, eval_sets = backend.main_first(lambda: build_data(cfg))
-    engine = None
-    if backend.is_main:  # rollouts and evaluation run on rank 0; HF generate needs its own full copy under FSDP
-        sampler_model = model if backend.world_size == 1 or cfg.engine.rollout == "vllm" else copy.deepcopy(model)
-        engine = make_engine(cfg.engine.rollout, sampler_model, tokenizer, **engine_options(cfg))
+    # every rank samples its share of the prompts with its own engine; HF generate needs a full copy under FSDP
+    sampler_model = model if backend.world_size == 1 or cfg.engine.rollout == "vllm" else copy.deepcopy(model)
+    engine = make_engine(cfg.engine.rollout, sampler_model, tokenizer, **engine_options(cfg))
+    if backend.world_size > 1:
+        engine = ShardedEngine(engine, backend)
     ref_model = backend.reference_model(model) if needs_model(cfg.algo.ref_update) else None
     module = backend.wrap(model)  # what the update trains and scores with
     optimizer, scheduler = build_optimizer(cfg, module)
@@ -107,9 +109,7 @@ def run(cfg) -> dict[str, float]:
     params, reward_fn = loss_params(cfg.algo), get_reward_fn(cfg.data.reward)
 
     def sync_engine():
-        weights = backend.full_weights(module)  # every rank takes part; rank 0 gets the weights
-        if engine is not None:
-            engine.sync_weights(weights)
+        engine.sync_weights(backend.full_weights(module))
 
     start_step, run_id, opt_steps = 0, None, 0
     state = backend.load(ckpt_dir, module, optimizer, ref_model) if cfg.resume == "auto" else None
@@ -142,9 +142,7 @@ def run(cfg) -> dict[str, float]:
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_text(json.dumps(info, indent=2), "policy_info.json")
 
-    def evaluate(step):
-        if engine is None:
-            return {}
+    def evaluate(step):  # on every rank (the engine is sharded); rank 0 logs
         with torch.random.fork_rng():  # evaluation never changes the training random stream
             torch.manual_seed(cfg.seed * 7919 + step)
             metrics, details = evaluate_policy(engine, tokenizer, eval_sets, cfg, seed=cfg.seed)
@@ -161,9 +159,8 @@ def run(cfg) -> dict[str, float]:
                    dynamic_ncols=True, disable=not backend.is_main)
         for step in bar:
             t0 = time.perf_counter()
-            batch = backend.broadcast(collect(engine, tokenizer, train_set, sampler, cfg, reward_fn) if engine else None)
-            if engine is not None:
-                engine.sleep()  # vLLM on CUDA with engine.vllm_sleep: free its memory until the next sync
+            batch = collect(engine, tokenizer, train_set, sampler, cfg, reward_fn)  # the same batch on every rank
+            engine.sleep()  # vLLM on CUDA with engine.vllm_sleep: free its memory until the next sync
             t_rollout = time.perf_counter() - t0
             gens = batch.gens
             mask = gens.response_mask.float()
@@ -223,8 +220,7 @@ def run(cfg) -> dict[str, float]:
         tracker.end("FAILED")
         raise
     finally:
-        if engine is not None:
-            engine.close()
+        engine.close()
         backend.close()
     tracker.end("FINISHED")
     return final

@@ -11,10 +11,12 @@ Both expose the same small interface, so the RL loop in rpg/train.py is written 
   wrap(lm)               the module the update trains and scores with
   local_rows(idx)        this rank's share of a set of batch rows
   gather_rows(t)         every rank's rows back in order (the inverse of local_rows over a batch)
+  local_share(items)     this rank's contiguous share of a list (prompts to generate)
+  all_gather_object(o)   every rank's object, in rank order
   broadcast(obj)         rank 0's value on every rank
   all_finite(flag)       True on every rank only if it is True on every rank
   reduce_metrics(s, w)   metric sums and weights summed (maxima: max) over ranks
-  full_weights(module)   the full weights in the model's own names (rank 0; None elsewhere)
+  full_weights(module)   the weights in the model's own names, for the rollout engine's sync
   save / load            checkpoints that resume exactly
 """
 

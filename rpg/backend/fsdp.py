@@ -5,8 +5,9 @@ causal LM, so embedding, final norm and output head are gathered around each sco
 gradients and AdamW state are sharded in ``engine.param_dtype``; compute runs in ``engine.dtype``
 (mixed precision, gradients reduced in float32).
 
-Exact loss normalisation across ranks: every rank holds the whole rollout batch (rank 0 samples it and
-broadcasts it), so each mini-batch's BatchTotals are computed from all its rows on every rank without
+Rollouts are data-parallel (rpg.rollout.sharded): every rank samples its share of the prompts with its
+own engine and all ranks gather the whole batch. Exact loss normalisation across ranks: every rank holds
+the whole rollout batch, so each mini-batch's BatchTotals are computed from all its rows on every rank without
 communication; each rank takes an equal, contiguous share of the rows, and gradients are *summed* over
 ranks (divide factor 1), so the step uses exactly the mini-batch gradient of one process.
 
@@ -25,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -121,12 +122,10 @@ class FSDPBackend:
     def wrap(self, lm):
         return self._shard(lm)
 
-    def full_weights(self, module) -> FullWeights | None:
-        """All ranks take part; rank 0 gets the full weights on CPU, the others None."""
-        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.is_main:
-            return None
-        return FullWeights({k.removeprefix(_PREFIX): v for k, v in state.items()})
+    def full_weights(self, module) -> FullWeights:
+        """The weights under the model's own names, still sharded (DTensors): a consumer gathers them one
+        tensor at a time with ``full_tensor()``, so every rank must read them in the same order."""
+        return FullWeights({k.removeprefix(_PREFIX): v for k, v in module.state_dict().items()})
 
     # -- rows and collectives ------------------------------------------------------------------------
 
@@ -142,6 +141,16 @@ class FSDPBackend:
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
         dist.all_gather(parts, t)
         return torch.cat(parts).cpu()
+
+    def local_share(self, items: list) -> list:
+        """This rank's contiguous share of ``items`` (sizes differ by at most one)."""
+        n, w = len(items), self.world_size
+        return items[n * self.rank // w : n * (self.rank + 1) // w]
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def broadcast(self, obj):
         box = [obj if self.is_main else None]

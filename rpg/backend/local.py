@@ -38,6 +38,12 @@ class LocalBackend:
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def local_share(self, items: list) -> list:
+        return items
+
+    def all_gather_object(self, obj) -> list:
+        return [obj]
+
     def broadcast(self, obj):
         return obj
 

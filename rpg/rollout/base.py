@@ -72,3 +72,18 @@ def left_pad(prompts: list[list[int]], pad_id: int):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
     return ids, mask
+
+
+def concat_generations(parts: list[Generations]) -> Generations:
+    """Stack generations (of several rounds or ranks), re-padding prompts (left) and responses (right)."""
+    if len(parts) == 1:
+        return parts[0]
+    p = max(g.prompt_ids.shape[1] for g in parts)
+    r = max(g.response_ids.shape[1] for g in parts)
+    pad_l = lambda t, w: torch.nn.functional.pad(t, (w - t.shape[1], 0))
+    pad_r = lambda t, w: torch.nn.functional.pad(t, (0, w - t.shape[1]))
+    return Generations(
+        torch.cat([pad_l(g.prompt_ids, p) for g in parts]), torch.cat([pad_l(g.prompt_mask, p) for g in parts]),
+        torch.cat([pad_r(g.response_ids, r) for g in parts]), torch.cat([pad_r(g.response_mask, r) for g in parts]),
+        sum((g.texts for g in parts), []), torch.cat([g.truncated for g in parts]),
+        None if parts[0].sampler_logp is None else torch.cat([pad_r(g.sampler_logp, r) for g in parts]))

@@ -1,5 +1,5 @@
 """Rollouts with transformers' ``generate``: on the training model itself (local backend; nothing to sync), or
-on a full copy kept on rank 0 (FSDP backend; synced from the gathered weights after every update)."""
+on a full copy kept by each rank (FSDP backend; synced from the gathered weights after every update)."""
 
 from __future__ import annotations
 
@@ -38,9 +38,13 @@ class HFEngine:
         texts = tok.batch_decode(torch.where(resp_mask.bool(), resp, tok.pad_token_id), skip_special_tokens=True)
         return Generations(ids, mask, resp, resp_mask, texts, truncated)
 
+    @torch.no_grad()
     def sync_weights(self, model) -> None:
-        if model is not self.model:
-            self.model.load_state_dict(model.state_dict())
+        if model is self.model:
+            return
+        own = self.model.state_dict(keep_vars=True)
+        for name, t in model.state_dict().items():  # FSDP: DTensors, gathered one at a time on every rank
+            own[name].copy_(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
     def sleep(self) -> None:
         pass

@@ -124,7 +124,8 @@ class VLLMEngine:
         if in_process:
             llm_kwargs.setdefault("distributed_executor_backend", "uni")
         t0 = time.perf_counter()
-        with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else None):
+        with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else None), \
+                _env("CUDA_VISIBLE_DEVICES", _this_gpu() if on_cuda and not in_process else None):
             self.llm = LLM(model=str(path), skip_tokenizer_init=True, dtype=dtype, seed=seed,
                            gpu_memory_utilization=gpu_memory_utilization,
                            kv_cache_memory_bytes=kv_cache_memory_bytes,
@@ -251,6 +252,15 @@ class VLLMEngine:
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
+
+
+def _this_gpu() -> str | None:
+    """The GPU of this training rank (LOCAL_RANK) for the engine's child processes, or None (unchanged)."""
+    if "LOCAL_RANK" not in os.environ:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return ids[int(os.environ["LOCAL_RANK"])]
 
 
 @contextmanager

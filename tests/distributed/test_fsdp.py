@@ -1,11 +1,12 @@
 """The FSDP2 backend on 2 gloo ranks (CPU), started with torchrun as users start it.
 
 1. One policy update on a fixed batch equals the one-process update (exact loss normalisation across
-   ranks and micro-batches; also with activation checkpointing): weights after two SGD steps agree to 1e-5 (measured 1.4e-7; the update
-   moves weights by ~0.6), metrics to a relative 1e-5.
+   ranks and micro-batches; also with activation checkpointing): weights after two SGD steps agree to
+   1e-5 (measured 1.4e-7; the update moves weights by ~0.6), metrics to a relative 1e-5.
 2. A run interrupted after 2 steps and resumed from its distributed checkpoint ends bit-identical to an
    uninterrupted 4-step run.
-3. End to end with vLLM rollouts (CPU build, .venv-vllm) and truncated IS on: 2 ranks learn the toy task.
+3. End to end with data-parallel vLLM rollouts (one CPU-build engine per rank, .venv-vllm) and truncated
+   IS on: 2 ranks learn the toy task.
 """
 
 from __future__ import annotations
