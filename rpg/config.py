@@ -7,6 +7,7 @@ misspelt key fails at composition time.  ``validate(cfg)`` checks the combinatio
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -91,7 +92,8 @@ class EngineConfig:
     dtype: str = "float32"  # float32 | bfloat16
     rollout: str = "hf"  # hf | vllm
     backend: str = "local"  # local (one process) | fsdp (FSDP2, one process per GPU or per CPU rank)
-    num_gpus: int = 0  # GPUs per node = training processes per node (fsdp); 0 on CPU
+    num_gpus: int = 0  # GPUs per node; 0 on CPU
+    ranks_per_node: Optional[int] = None  # fsdp: training processes per node (None = num_gpus)
     nodes: int = 1  # nodes per run (fsdp)
     param_dtype: str = "float32"  # master weights, gradients and optimizer state; compute runs in ``dtype``
     gpu_memory_gib: float = 80.0  # memory of one GPU, for the dry-run's per-GPU estimate
@@ -159,9 +161,16 @@ class RunConfig:
     dry_run: bool = False  # validate, print the size/memory/tokens estimate of rpg.plan, and exit
 
 
-def tasks_per_node(backend: str, num_gpus: int) -> int:
-    """SLURM tasks per node of one run: one per GPU under FSDP, else one."""
-    return max(int(num_gpus), 1) if backend == "fsdp" else 1
+def ranks_per_node(engine) -> int:
+    """Training processes per node: engine.ranks_per_node, else one per GPU (fsdp); one for local."""
+    if engine.backend != "fsdp":
+        return 1
+    return int(engine.ranks_per_node or engine.num_gpus or 1)
+
+
+def tasks_per_node(backend: str, num_gpus: int, ranks: int | None = None) -> int:
+    """SLURM tasks per node of one run (the launcher's resolver): ranks_per_node under FSDP, else one."""
+    return ranks_per_node(SimpleNamespace(backend=backend, num_gpus=num_gpus, ranks_per_node=ranks))
 
 
 if not OmegaConf.has_resolver("rpg.tasks_per_node"):  # used by conf/hydra/launcher/slurm.yaml
@@ -225,6 +234,9 @@ def validate(cfg) -> None:
         raise ConfigError(f"engine.rollout={e.rollout!r}; use hf or vllm")
     if e.backend not in ("local", "fsdp"):
         raise ConfigError(f"engine.backend={e.backend!r}; use local (one process) or fsdp (torchrun / SLURM tasks)")
+    if e.ranks_per_node is not None and (e.ranks_per_node < 1 or (e.num_gpus and e.ranks_per_node != e.num_gpus)):
+        raise ConfigError(f"engine.ranks_per_node={e.ranks_per_node}: use one rank per GPU (engine.num_gpus="
+                          f"{e.num_gpus}), or null")
     if r.tis_cap is not None:
         if e.rollout != "vllm" or r.tis_cap <= 0:
             raise ConfigError(f"rollout.tis_cap={r.tis_cap} corrects vLLM's sampling mismatch: use it with "

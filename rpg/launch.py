@@ -44,6 +44,10 @@ _RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")  # "
 log = logging.getLogger("rpg.launch")
 
 
+#: The engine section of a job that is one CPU process (a tracking server; checking a profile).
+ONE_PROCESS_ENGINE = {"num_gpus": 0, "nodes": 1, "backend": "local", "ranks_per_node": None}
+
+
 def profile_names() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
@@ -262,7 +266,7 @@ def serve_tracking(address_file: str, backend_store_uri: str, port: int | None, 
 def submit_tracking_server(profile: str | None, address_file: str, backend_store_uri: str,
                            port: int | None = None, hours: float = 72.0, workers: int = 4,
                            folder: str | None = None) -> submitit.Job:
-    params = launcher_params("slurm", profile, {"engine": {"num_gpus": 0, "nodes": 1, "backend": "local"}}, name="rpg-mlflow",
+    params = launcher_params("slurm", profile, {"engine": ONE_PROCESS_ENGINE}, name="rpg-mlflow",
                              folder=folder or str(Path(address_file).parent / ".submitit" / "%j"))
     params.update(gpus_per_node=0, timeout_min=int(hours * 60), max_num_timeout=0, cpus_per_task=min(workers, 4),
                   mem_gb=8)

@@ -342,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile and launcher != "slurm":
             raise SweepError(f"--profile {args.profile} is a SLURM cluster profile; add --launcher slurm")
         if launcher != "inline":
-            from rpg.launch import launcher_params
+            from rpg.launch import ONE_PROCESS_ENGINE, launcher_params
 
-            launcher_params(launcher, profile, {"engine": {"num_gpus": 0, "nodes": 1, "backend": "local"}})  # unknown profile or key: fail now
+            launcher_params(launcher, profile, {"engine": ONE_PROCESS_ENGINE})  # unknown profile or key: fail now
         if launcher == "slurm" and not (args.status or shutil.which("sbatch")):
             raise SweepError("sbatch not found: run this on a SLURM login node (or export SLURM_CONF for the "
                              "local test cluster), or use --launcher local / inline")

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from rpg import checkpoint
 from rpg.backend import make_backend
+from rpg.backend.spawn import FINAL_METRICS, ranks_exist, spawn_ranks
 from rpg.build import build_data, build_optimizer, build_policy
 from rpg.config import ConfigError, loss_params, validate
 from rpg.core.advantages import ADVANTAGES
@@ -84,6 +85,10 @@ def engine_options(cfg) -> dict:
 
 def run(cfg) -> dict[str, float]:
     validate(cfg)
+    if cfg.engine.backend == "fsdp" and not ranks_exist():  # one command on one node: start the ranks
+        out_dir = Path(cfg.out_dir or Path.cwd()).resolve()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return spawn_ranks(cfg, out_dir, tracking_uri(cfg))
     backend = make_backend(cfg)
     out_dir = Path(backend.broadcast(str(Path(cfg.out_dir or Path.cwd()).resolve())))  # rank 0's directory
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -223,4 +228,6 @@ def run(cfg) -> dict[str, float]:
         engine.close()
         backend.close()
     tracker.end("FINISHED")
+    if backend.is_main:
+        (out_dir / FINAL_METRICS).write_text(json.dumps(final, indent=1))
     return final

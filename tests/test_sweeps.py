@@ -215,8 +215,10 @@ def test_launcher_params_match_the_hydra_launcher(tmp_path):
     assert (gpu8["partition"], gpu8["gpus_per_node"], gpu8["additional_parameters"]) == \
         ("gpu", 8, {"requeue": True, "exclusive": True})
     assert all("${" not in line for line in gpu8["setup"])
-    cpu = launch.launcher_params("slurm", "local_test", {"engine": {"num_gpus": 0, "nodes": 1, "backend": "local"}})
+    cpu = launch.launcher_params("slurm", "local_test", {"engine": launch.ONE_PROCESS_ENGINE})
     assert (cpu["tasks_per_node"], cpu["gpus_per_node"]) == (1, 0)
+    cpu_fsdp = {**launch.ONE_PROCESS_ENGINE, "backend": "fsdp", "ranks_per_node": 2}
+    assert launch.launcher_params("slurm", "local_test", {"engine": cpu_fsdp})["tasks_per_node"] == 2
     local = launch.launcher_params("local", None, {"engine": {"num_gpus": 0}})
     assert local["timeout_min"] >= 60 * 24 and local["gpus_per_node"] == 0
     with pytest.raises(ValueError, match=re.escape(str(launch.profile_names()))):

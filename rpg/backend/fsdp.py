@@ -79,9 +79,11 @@ class FSDPBackend:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.device = torch.device("cuda", torch.cuda.current_device()) if e.device.startswith("cuda") else torch.device("cpu")
-        if e.device.startswith("cuda") and e.num_gpus and self.world_size != e.num_gpus * e.nodes:
-            raise RuntimeError(f"{self.world_size} ranks started but engine.num_gpus x engine.nodes = "
-                               f"{e.num_gpus} x {e.nodes}; start one process per GPU or fix the config")
+        per_node = e.ranks_per_node or e.num_gpus
+        if per_node and self.world_size != per_node * e.nodes:
+            raise ConfigError(f"{self.world_size} ranks started but the config asks for {per_node} per node x "
+                              f"engine.nodes={e.nodes}; start one process per GPU, or fix engine.ranks_per_node "
+                              "/ engine.num_gpus / engine.nodes")
         u = cfg.ppo
         if u.mini_batch_size % self.world_size or (u.mini_batch_size // self.world_size) % u.micro_batch_size:
             raise ConfigError(f"ppo.mini_batch_size={u.mini_batch_size} must split over {self.world_size} ranks into "

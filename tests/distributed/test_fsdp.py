@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -108,3 +109,20 @@ def test_two_ranks_with_vllm_rollouts_learn_the_toy_task(tmp_path, cache_dir):
     assert len(diffs) == 30 and max(diffs) < 1e-3  # the engine samples from the synced weights
     tis = [v for key, _, v in rows if key == "rollout/tis_weight_mean"]  # truncated IS on: weights ~ 1 here
     assert len(tis) == 30 and all(abs(v - 1) < 1e-3 for v in tis)
+
+
+def test_one_command_starts_the_ranks_itself(tmp_path, fast_overrides):
+    """`python -m rpg.main engine.backend=fsdp engine.ranks_per_node=2` (no torchrun) runs 2 ranks."""
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "rpg.main", *fast_overrides, "engine.backend=fsdp",
+                           "engine.ranks_per_node=2", "ppo.micro_batch_size=4", "eval_every=0",
+                           f"out_dir={tmp_path / 'run'}", f"tracking.uri=sqlite:///{db}", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert (tmp_path / "run" / "checkpoints" / "step_2.dcp").is_dir()
+    (run,) = mlflow.MlflowClient(f"sqlite:///{db}").search_runs(
+        [mlflow.MlflowClient(f"sqlite:///{db}").get_experiment_by_name("default").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    assert "train/acc" in json.loads((tmp_path / "run" / "final_metrics.json").read_text())
