@@ -350,6 +350,12 @@ def sweep_estimates(named_configs, out=None) -> None:
     from omegaconf import OmegaConf
 
     out = out or sys.stdout
+    cpu = [name for name, config in named_configs if not str(config["engine"]["device"]).startswith("cuda")]
+    if cpu:  # the estimate is of GPU memory; a CPU run has nothing to check
+        out.write(f"memory estimate: skipped for {len(cpu)} CPU run(s) (engine.device=cpu)\n")
+    named_configs = [(name, config) for name, config in named_configs if name not in cpu]
+    if not named_configs:
+        return
     width = max([len(name) for name, _ in named_configs] + [3])
     out.write(f"{'RUN':<{width}}  {'PARAMS':>7}  {'TRAIN/GPU':>9}  {'GEN/GPU':>9}  {'GPU':>5}  TOKENS/STEP (max)\n")
     seen = []

@@ -203,3 +203,17 @@ def test_dry_run_command(tmp_path):
     assert f"WARNING: model.path={tmp_path / 'models'}/Qwen3-4B holds no config.json" in out
     assert f"WARNING: data.train_path={tmp_path / 'data'}/dapo-math-17k.parquet not found: set data.train_path=" in out
     assert not (tmp_path / "outputs").exists()
+
+
+def test_sweep_estimates_cover_gpu_runs_and_skip_cpu_runs():
+    gpu = OmegaConf.to_container(cfg_of(*GPU, "model=qwen3_4b", "context=8k"), resolve=True)
+    cpu = OmegaConf.to_container(cfg_of(), resolve=True)
+    out = io.StringIO()
+    plan.sweep_estimates([("algo=a,seed=1", gpu), ("algo=b,seed=1", cpu)], out)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "memory estimate: skipped for 1 CPU run(s) (engine.device=cpu)"
+    (row,) = [ln for ln in lines if ln.startswith("algo=a")]
+    assert "4.02B" in row and not any(ln.startswith("algo=b") for ln in lines)
+    out = io.StringIO()
+    plan.sweep_estimates([("algo=b,seed=1", cpu)], out)
+    assert out.getvalue().count("\n") == 1  # only the note
