@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from rpg.backend import make_backend
+from rpg.config import EngineConfig, PPOConfig
 from rpg.core.losses import POLICY_LOSSES, LossParams
 from rpg.logprobs import response_logprobs
 from rpg.models.tiny import build_char_tokenizer, build_tiny_model
@@ -47,9 +48,9 @@ def fixed_batch(lm) -> RolloutBatch:
 def main(out: str, loss: str, agg: str, micro: int, checkpointing: bool = False) -> None:
     torch.set_num_threads(1)
     distributed = "RANK" in os.environ
-    cfg = OmegaConf.create({"engine": {"backend": "fsdp" if distributed else "local", "device": "cpu",
-                                       "dtype": "float32", "param_dtype": "float32", "num_gpus": 0, "nodes": 1},
-                            "ppo": {"mini_batch_size": MINI, "micro_batch_size": micro}})
+    engine = EngineConfig(name="cpu", backend="fsdp" if distributed else "local")  # the schema's defaults: CPU, fp32
+    cfg = OmegaConf.create({"engine": OmegaConf.structured(engine),
+                            "ppo": OmegaConf.structured(PPOConfig(mini_batch_size=MINI, micro_batch_size=micro))})
     backend = make_backend(cfg)
     lm = build_tiny_model(seed=0, tokenizer=build_char_tokenizer())
     batch = fixed_batch(lm)
@@ -62,9 +63,10 @@ def main(out: str, loss: str, agg: str, micro: int, checkpointing: bool = False)
     metrics = policy_update(module, optimizer, scheduler, batch, POLICY_LOSSES[loss], params, epochs=1,
                             mini_batch_size=MINI, micro_batch_size=micro, grad_clip=1e9, temperature=1.0,
                             chunk_tokens=7, generator=torch.Generator().manual_seed(0), backend=backend)
-    weights = backend.full_weights(module)
+    weights = {k: v.full_tensor() if hasattr(v, "full_tensor") else v  # every rank gathers, in order
+               for k, v in backend.full_weights(module).state_dict().items()}
     if backend.is_main:
-        torch.save({"weights": dict(weights.state_dict()), "metrics": metrics}, out)
+        torch.save({"weights": weights, "metrics": metrics}, out)
     backend.close()
 
 
