@@ -4,8 +4,9 @@ A checkpoint is written to a temporary file in the same directory, fsync'ed, and
 place with `os.replace`; only then is the `latest` pointer (a one-line text file) replaced the same
 way. A crash at any point leaves either the previous checkpoint or the new one, never a partial
 file under a name that `load_latest_checkpoint` reads. A distributed backend writes its shards to
-`step_<n>.dcp/` first; the `.pt` file is written last, so it only exists once its shards are complete. The state dict typically holds the model
-and optimizer state dicts, `rng_state()`, the step, the data position and the MLflow run id.
+`step_<n>.dcp/` first; the `.pt` file is written last, so it only exists once its shards are complete.
+The state dict typically holds the model and optimizer state dicts, `rng_state()`, the step, the data
+position and the MLflow run id.
 """
 
 from __future__ import annotations

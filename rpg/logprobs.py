@@ -39,17 +39,18 @@ def _response_logprobs(model, input_ids, attention_mask, prompt_len, temperature
     logps, ents = [], []
     for start in range(0, b * r, chunk_tokens):
         st, tgt = states[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        if torch.is_grad_enabled() and not with_entropy:
-            # backward recomputes this chunk's logits instead of keeping [chunk, V] float32 per chunk alive
-            logps.append(checkpoint(_chunk_logp, head, st, tgt, temperature, use_reentrant=False))
+        if not with_entropy:
+            # with gradients, backward recomputes this chunk's logits instead of keeping [chunk, V] alive
+            grad = torch.is_grad_enabled()
+            logps.append(checkpoint(_chunk_logp, head, st, tgt, temperature, use_reentrant=False) if grad
+                         else _chunk_logp(head, st, tgt, temperature))
             continue
         logits = head(st).float() / temperature
         logz = torch.logsumexp(logits, dim=-1)
         logps.append(logits.gather(-1, tgt[:, None]).squeeze(-1) - logz)
-        if with_entropy:
-            with torch.no_grad():
-                p = F.softmax(logits, dim=-1)
-                ents.append(logz - (p * logits).sum(-1))
+        with torch.no_grad():
+            p = F.softmax(logits, dim=-1)
+            ents.append(logz - (p * logits).sum(-1))
     logp = torch.cat(logps).view(b, r)
     entropy = torch.cat(ents).view(b, r) if with_entropy else None
     return logp, entropy

@@ -42,6 +42,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from rpg.config import ranks_per_node
+
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_OVERHEAD_BYTES = 2 * GIB
@@ -187,8 +189,7 @@ def tokens_per_step(cfg) -> dict[str, float]:
 
 
 def _world(cfg) -> int:
-    e = cfg.engine
-    return max(e.num_gpus, 1) * max(e.nodes, 1) if e.backend == "fsdp" else 1
+    return ranks_per_node(cfg.engine) * (max(cfg.engine.nodes, 1) if cfg.engine.backend == "fsdp" else 1)
 
 
 def resolve_arch(cfg) -> tuple[Arch, str, list[str]]:
