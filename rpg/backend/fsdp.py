@@ -13,7 +13,8 @@ ranks (divide factor 1), so the step uses exactly the mini-batch gradient of one
 
 Checkpoints: model, optimizer and reference shards go to ``step_<n>.dcp/`` (torch.distributed.checkpoint,
 written to a temporary name and renamed by rank 0 once every rank has finished), the rest of the
-training state to the atomic ``step_<n>.pt`` of rpg.checkpoint, which is written last.
+training state to the atomic ``step_<n>.pt`` of rpg.checkpoint, which is written last, with every rank's RNG
+state (ranks sample different prompts, so their streams differ; resume is exact only if each gets its own).
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ class FSDPBackend:
 
     def save(self, ckpt_dir, step: int, state: dict, module, optimizer, ref_module=None, keep_last: int = 3) -> None:
         ckpt_dir = Path(ckpt_dir)
+        rank_rng = self.all_gather_object(checkpoint.rng_state())  # ranks sample different shares: own streams
         target = checkpoint.shard_dir(ckpt_dir, step)
         tmp = target.with_name(f".{target.name}.tmp")
         if self.is_main:
@@ -201,7 +203,8 @@ class FSDPBackend:
         if self.is_main:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
-            checkpoint.save_checkpoint(ckpt_dir, step, {**state, "world_size": self.world_size}, keep_last=keep_last)
+            checkpoint.save_checkpoint(ckpt_dir, step, {**state, "world_size": self.world_size, "rank_rng": rank_rng},
+                                       keep_last=keep_last)
         dist.barrier()
 
     def load(self, ckpt_dir, module, optimizer, ref_module=None) -> dict | None:
@@ -217,6 +220,9 @@ class FSDPBackend:
         set_state_dict(module, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
         if ref_module is not None:
             set_model_state_dict(ref_module, payload["ref"])
+        rank_rng = state.pop("rank_rng", None)
+        if rank_rng is not None and len(rank_rng) == self.world_size:  # else: a new world size, rank 0's stream
+            state["rng"] = rank_rng[self.rank]
         return state
 
     def close(self) -> None:

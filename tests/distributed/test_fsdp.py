@@ -4,7 +4,7 @@
    ranks and micro-batches; also with activation checkpointing): weights after two SGD steps agree to
    1e-5 (measured 1.4e-7; the update moves weights by ~0.6), metrics to a relative 1e-5.
 2. A run interrupted after 2 steps and resumed from its distributed checkpoint ends bit-identical to an
-   uninterrupted 4-step run.
+   uninterrupted 4-step run (each rank resumes its own RNG stream, which differs from the others').
 3. End to end with data-parallel vLLM rollouts (one CPU-build engine per rank, .venv-vllm) and truncated
    IS on: 2 ranks learn the toy task.
 """
@@ -70,11 +70,15 @@ def _final_state(ckpt_dir: Path, step: int) -> dict:
 
 
 def test_resume_from_distributed_checkpoint_is_exact(tmp_path, fast_overrides):
-    common = [*fast_overrides, "engine.backend=fsdp", "ppo.micro_batch_size=4", "eval_every=0",
+    # 3 prompts over 2 ranks: the ranks sample 4 and 8 responses, so their RNG streams differ on every CPU
+    common = [*fast_overrides, "engine.backend=fsdp", "rollout.prompts_per_step=3", "ppo.mini_batch_size=12",
+              "ppo.micro_batch_size=3", "eval_every=0",
               "tracking.enabled=false", "algo=rpg_rf_ufkl", "algo.ref_update=every_k", "algo.ref_update_k=3"]
     torchrun(sys.executable, "-m", "rpg.main", *common, "steps=4", f"out_dir={tmp_path / 'straight'}", cwd=tmp_path)
     torchrun(sys.executable, "-m", "rpg.main", *common, "steps=2", f"out_dir={tmp_path / 'resumed'}", cwd=tmp_path)
     halfway = _final_state(tmp_path / "resumed" / "checkpoints", 2)
+    rank_rng = torch.load(tmp_path / "resumed" / "checkpoints" / "step_2.pt")["rank_rng"]
+    assert not torch.equal(rank_rng[0]["torch"], rank_rng[1]["torch"]), "the ranks' streams must differ to test this"
     torchrun(sys.executable, "-m", "rpg.main", *common, "steps=4", f"out_dir={tmp_path / 'resumed'}", cwd=tmp_path)
     straight = _final_state(tmp_path / "straight" / "checkpoints", 4)
     resumed = _final_state(tmp_path / "resumed" / "checkpoints", 4)
