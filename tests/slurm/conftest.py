@@ -3,7 +3,8 @@
 The session fixture ``slurm_cluster`` runs ``slurm/local_cluster.sh install`` and ``start`` in a
 temporary directory, exports ``SLURM_CONF`` for the session (so in-process submitit/Hydra find the
 cluster) and stops every daemon by PID at the end. It skips, with the reason, only where the daemons
-cannot run: not Linux, not root, or the packages are missing and there is no apt-get to get them.
+cannot run: not Linux, not root, or the packages are missing and there is no apt-get to get them;
+with RPG_REQUIRE_SLURM set (scripts/test.sh as root) those cases fail instead.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def _script(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
     """Start the local SLURM cluster once per session and yield a :class:`SlurmCluster`."""
     reason = _skip_reason()
+    if reason and os.environ.get("RPG_REQUIRE_SLURM"):
+        pytest.fail(f"{reason} (RPG_REQUIRE_SLURM is set: the SLURM tests must run here)")
     if reason:
         pytest.skip(reason)
     state_dir = tmp_path_factory.mktemp("slurm")
