@@ -10,16 +10,30 @@ time. RL then has a clear, quickly learnable signal: always carry. ``careless=0`
 ``target_fit`` gives a plain, early-stopped warm start instead (RL then learns much more slowly).
 
 Training stops once ``target_fit`` of the greedy answers on some *training* problems are responses
-the demonstrator could have written. The result is saved under ``cache_dir/<hash of all
-settings>`` (written to a temp dir, then renamed), so a second call returns at once.
+the demonstrator could have written. That early stop is a threshold on greedy answers, so last-bit
+differences between CPU kernel sets (AVX2 vs AVX-512, MKL's code paths) move it and change the weights.
+Hence:
+
+* **The default warm start is shipped** (``rpg/models/warmstart_default/``, 0.6 MB of safetensors with
+  its SHA-256 in ``warmstart.json``): every machine starts the default run from the same weights.
+  ``python -m rpg.warmstart`` regenerates it under pinned kernels (ATen AVX2, MKL's AVX2 reproducibility
+  mode, one thread), and ``python -m rpg.warmstart --check`` retrains and compares the checksum.
+* **Any other setting is trained** on one thread (whatever the caller's thread count) and cached under
+  ``cache_dir/<hash of all settings>-<torch version>-<kernel set>`` (written to a temp dir, then
+  renamed), so a second call returns at once and no machine reuses another kernel set's result.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -45,6 +59,12 @@ from rpg.toy_task import (
 #: Bump when the training procedure changes so old cache entries are not reused.
 WARMSTART_VERSION = 2
 META_FILE = "warmstart.json"
+WEIGHTS_FILE = "model.safetensors"
+#: The shipped default warm start (regenerate: ``python -m rpg.warmstart``).
+SHIPPED_DIR = Path(__file__).resolve().parent / "models" / "warmstart_default"
+#: Kernel pins under which the shipped weights are trained: the same result on every x86-64 CPU with AVX2.
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                  "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass(frozen=True)
@@ -113,13 +133,19 @@ def warm_start(
     elif not isinstance(cfg, WarmStartConfig):
         cfg = WarmStartConfig.from_mapping(cfg)
     cfg = replace(cfg, **overrides) if overrides else cfg
-    out = Path(cfg.cache_dir) / cfg.key()
+    shipped = shipped_meta()
+    if shipped is not None and shipped["key"] == cfg.key():
+        verify_shipped()
+        return SHIPPED_DIR
+    out = Path(cfg.cache_dir) / f"{cfg.key()}-{kernel_tag()}"
     if (out / META_FILE).is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        meta = _train(cfg, tmp, progress)
+        with one_thread():
+            meta = _train(cfg, tmp, progress)
+        meta["kernels"] = kernel_tag()
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         try:
             tmp.rename(out)
@@ -135,6 +161,39 @@ def warm_start(
 def load_meta(path: str | Path) -> dict:
     """The ``warmstart.json`` record of a warm-start directory."""
     return json.loads((Path(path) / META_FILE).read_text())
+
+
+def kernel_tag() -> str:
+    """What besides the settings decides a trained warm start: torch's version and CPU kernel set."""
+    return f"torch{torch.__version__.split('+')[0]}-{torch.backends.cpu.get_cpu_capability().lower()}"
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def shipped_meta() -> dict | None:
+    """The record of the shipped default warm start, or None where it is not installed."""
+    return load_meta(SHIPPED_DIR) if (SHIPPED_DIR / META_FILE).is_file() else None
+
+
+def verify_shipped() -> None:
+    """Refuse shipped weights whose checksum is not the recorded one."""
+    want, got = shipped_meta()["sha256"], file_sha256(SHIPPED_DIR / WEIGHTS_FILE)
+    if got != want:
+        raise RuntimeError(f"{SHIPPED_DIR / WEIGHTS_FILE} has SHA-256 {got}, not the recorded {want}: restore it "
+                           "(git checkout rpg/models/warmstart_default) or regenerate it (python -m rpg.warmstart)")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run on one torch thread (the thread count changes reduction order), then restore the caller's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _encode_sft(tokenizer, prompts: list[list[int]], responses: list[str]):
@@ -248,3 +307,40 @@ def greedy_accuracy(
     """Fraction of ``problems`` whose greedy response has the exact right ``Answer:``."""
     responses = greedy_generate(model, tokenizer, [p for p, _ in problems], max_new_tokens)
     return sum(is_correct(r, t) for r, (_, t) in zip(responses, problems)) / len(problems)
+
+
+def _regenerate(check: bool) -> int:
+    """Train the default warm start under PINNED_KERNELS; write it to SHIPPED_DIR, or compare (``check``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = WarmStartConfig()
+        with one_thread():
+            meta = _train(cfg, Path(tmp), progress=True)
+        meta.pop("train_seconds")  # the record is part of the shipped files: only what is reproducible
+        meta.update(kernels=kernel_tag(), pinned=PINNED_KERNELS, sha256=file_sha256(Path(tmp) / WEIGHTS_FILE))
+        if check:
+            shipped = shipped_meta() or {}
+            same = meta["sha256"] == shipped.get("sha256") and meta["key"] == shipped.get("key")
+            print(f"retrained {meta['sha256']} ({meta['steps']} steps), shipped {shipped.get('sha256')}: "
+                  f"{'identical' if same else 'DIFFERENT'}")
+            return 0 if same else 1
+        (Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        shutil.rmtree(SHIPPED_DIR, ignore_errors=True)
+        shutil.copytree(tmp, SHIPPED_DIR)
+    print(f"wrote {SHIPPED_DIR} ({meta['steps']} steps, held-out greedy accuracy {meta['heldout_greedy_acc']}, "
+          f"sha256 {meta['sha256']})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rpg.warmstart", description=(
+        "Regenerate the shipped default warm start under pinned CPU kernels (or --check it)."))
+    parser.add_argument("--check", action="store_true", help="retrain and compare with the shipped checksum")
+    args = parser.parse_args(argv)
+    if any(os.environ.get(k) != v for k, v in PINNED_KERNELS.items()):  # pins are read when torch loads
+        env = {**os.environ, **PINNED_KERNELS}
+        return subprocess.call([sys.executable, "-m", "rpg.warmstart", *(argv or sys.argv[1:])], env=env)
+    return _regenerate(args.check)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -22,7 +22,7 @@ from rpg.toy_task import (
     toy_sft_pairs,
     write_parquet,
 )
-from rpg.warmstart import WarmStartConfig, greedy_accuracy, load_meta, warm_start
+from rpg.warmstart import WarmStartConfig, greedy_accuracy, kernel_tag, load_meta, warm_start
 
 
 def test_splits_are_disjoint_even_up_to_commutativity():
@@ -102,7 +102,8 @@ def test_warm_start_is_cached_by_settings(tmp_path):
     cfg = WarmStartConfig(cache_dir=str(tmp_path), **TINY_SFT)
     path = warm_start(cfg, progress=False)
     meta = load_meta(path)
-    assert path.parent == tmp_path and path.name == cfg.key() == meta["key"]
+    assert path.parent == tmp_path and path.name == f"{cfg.key()}-{kernel_tag()}" and meta["key"] == cfg.key()
+    assert meta["kernels"] == kernel_tag()
     assert meta["steps"] == 4 and meta["heldout_problems"] == 16
     assert 0.0 <= meta["heldout_greedy_acc"] <= 1.0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp dir renamed away
