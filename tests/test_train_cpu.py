@@ -48,6 +48,7 @@ def test_every_algo_trains_end_to_end(make_cfg, algo):
         assert key in metrics and metrics[key] == metrics[key], key  # present and not nan
 
 
+@pytest.mark.kernels
 def test_kl_coefficient_changes_the_update(make_cfg, tmp_path):
     # Two mini-batches per step: the second is off-policy, so the URKL term (zero at w = 1) acts.
     common = ["algo=rpg_rf_urkl", "ppo.mini_batch_size=8", "optim.lr=1e-2"]
@@ -57,6 +58,7 @@ def test_kl_coefficient_changes_the_update(make_cfg, tmp_path):
     assert max_change(final_params(a), final_params(b)) > 1e-4
 
 
+@pytest.mark.kernels
 def test_clipping_engages_off_policy(make_cfg, tmp_path):
     # Four epochs over each batch push w out of [0.8, 1.28]; a property of the run, not of one step: the
     # clip zeroes gradients on 5 of 6 steps (measured under avx2 and avx512 kernels), required on >= 3.
@@ -119,6 +121,7 @@ def metric_histories(uri: str, run_id: str) -> dict[str, dict[int, float]]:
     return out
 
 
+@pytest.mark.kernels
 def test_killed_run_resumes_to_the_same_result(make_cfg, tmp_path, fast_overrides):
     import os
     import signal

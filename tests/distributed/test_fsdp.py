@@ -36,6 +36,7 @@ def torchrun(python, *args, nproc=2, timeout=600, cwd=None):
     return proc
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("loss,agg,checkpointing", [("rpg_rf_urkl", "seq-mean-token-mean", False),
                                                     ("rpg_ufkl", "token-mean", True)])
 def test_two_ranks_update_equals_one_process(tmp_path, loss, agg, checkpointing):
@@ -69,6 +70,7 @@ def _final_state(ckpt_dir: Path, step: int) -> dict:
     return torch.load(target, weights_only=False)
 
 
+@pytest.mark.kernels
 def test_resume_from_distributed_checkpoint_is_exact(tmp_path, fast_overrides):
     # 3 prompts over 2 ranks: the ranks sample 4 and 8 responses, so their RNG streams differ on every CPU
     common = [*fast_overrides, "engine.backend=fsdp", "rollout.prompts_per_step=3", "ppo.mini_batch_size=12",
@@ -92,6 +94,7 @@ def test_resume_from_distributed_checkpoint_is_exact(tmp_path, fast_overrides):
     assert adam and all(torch.equal(v["exp_avg"], resumed["optim"]["state"][k]["exp_avg"]) for k, v in adam.items())
 
 
+@pytest.mark.kernels
 def test_two_ranks_with_vllm_rollouts_learn_the_toy_task(tmp_path, cache_dir):
     if not VLLM_PYTHON.is_file():
         if os.environ.get("RPG_REQUIRE_VLLM_CPU"):
