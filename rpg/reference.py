@@ -1,8 +1,12 @@
 """The KL anchor pi_ref and its update policy (paper Section 5, "iterative reference"; ALGORITHMS.md section 6).
 
 every_step   ref = the policy that sampled the batch (ref_logp = old_logp; no second model)
-every_k      ref <- policy every K optimizer steps
-kl_threshold ref <- policy when a moving average of token KL (k3) to ref exceeds kappa
+every_k      ref <- policy at the end of each RL step by which K or more optimizer steps have passed since
+             the last refresh (the anchor can only move between updates: with 16 optimizer steps per RL
+             step and K <= 16 that is every RL step)
+kl_threshold ref <- policy when the moving average of token KL (k3) to ref exceeds kappa; the average
+             restarts after each refresh and is bias-corrected (an EMA started at 0 would otherwise
+             under-read the KL for its first ~1/(1-ema) updates)
 never        frozen initial policy (GRPO's default; the Figure 9 ablation)
 """
 
@@ -24,29 +28,38 @@ class Reference:
             raise ValueError(f"ref_update={mode} needs {'a' if needs_model(mode) else 'no'} reference model")
         self.mode, self.k, self.kl_threshold, self.kl_ema = mode, k, kl_threshold, kl_ema
         self.model = model
-        self.kl_avg = 0.0
+        self.kl_avg = 0.0  # bias-corrected EMA of the token KL since the last refresh
         self.refreshes = 0
+        self._ema, self._updates = 0.0, 0  # raw EMA and its number of updates since the last refresh
+        self._last_refresh_step = 0  # optimizer steps at the last refresh
 
     def logprobs(self, compute, old_logp: torch.Tensor) -> torch.Tensor:
         """``compute(model)`` scores the batch with a model; with ref = old nothing is recomputed."""
         return old_logp if self.model is None else compute(self.model)
 
     def after_update(self, policy, optimizer_steps: int, token_kl: float) -> bool:
-        """Refresh the anchor if the policy says so; returns whether it did."""
+        """Refresh the anchor if the policy says so; returns whether it did.  ``optimizer_steps``: the total
+        so far, ``token_kl``: the mean token KL to the anchor measured in this RL step."""
         if self.model is None:
             return False
-        self.kl_avg = self.kl_ema * self.kl_avg + (1 - self.kl_ema) * token_kl
-        due = (self.mode == "every_k" and optimizer_steps % self.k == 0) or (
+        self._ema = self.kl_ema * self._ema + (1 - self.kl_ema) * token_kl
+        self._updates += 1
+        self.kl_avg = self._ema / (1 - self.kl_ema ** self._updates)
+        due = (self.mode == "every_k" and optimizer_steps - self._last_refresh_step >= self.k) or (
             self.mode == "kl_threshold" and self.kl_avg > self.kl_threshold)
         if due:
             self.model.load_state_dict(policy.state_dict())
-            self.kl_avg = 0.0
+            self.kl_avg, self._ema, self._updates = 0.0, 0.0, 0
+            self._last_refresh_step = optimizer_steps
             self.refreshes += 1
         return due
 
     def state_dict(self) -> dict:
         """The schedule's state; the model's weights are checkpointed by the backend."""
-        return {"kl_avg": self.kl_avg, "refreshes": self.refreshes}
+        return {"kl_avg": self.kl_avg, "refreshes": self.refreshes, "ema": self._ema, "updates": self._updates,
+                "last_refresh_step": self._last_refresh_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.kl_avg, self.refreshes = state["kl_avg"], state["refreshes"]
+        self._ema, self._updates = state["ema"], state["updates"]
+        self._last_refresh_step = state["last_refresh_step"]
