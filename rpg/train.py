@@ -178,10 +178,11 @@ def run(cfg) -> dict[str, float]:
             rb = RolloutBatch(gens.input_ids, gens.attention_mask, gens.response_mask, old_logp, ref_logp,
                               advantages, gens.prompt_ids.shape[1], tis)
             t1 = time.perf_counter()
-            metrics = policy_update(module, optimizer, scheduler, rb, loss_fn, params, epochs=cfg.ppo.epochs,
+            metrics = policy_update(module, optimizer, rb, loss_fn, params, epochs=cfg.ppo.epochs,
                                     mini_batch_size=cfg.ppo.mini_batch_size, micro_batch_size=cfg.ppo.micro_batch_size,
                                     grad_clip=cfg.optim.grad_clip, temperature=cfg.rollout.temperature,
                                     chunk_tokens=cfg.engine.logprob_chunk, generator=shuffle, backend=backend)
+            scheduler.step()  # once per RL step: optim.warmup_steps counts RL steps, as the paper's
             opt_steps += int(metrics.pop("optim/steps"))
             refreshed = reference.after_update(module, opt_steps, metrics.get("kl/k3", 0.0))
             t_sync = time.perf_counter()

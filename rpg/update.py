@@ -50,11 +50,12 @@ _MAX_METRICS = ("is/weight_max",)
 _SHARES = "loss/"
 
 
-def policy_update(model, optimizer, scheduler, batch: RolloutBatch, loss_fn: Callable, params: LossParams, *,
+def policy_update(model, optimizer, batch: RolloutBatch, loss_fn: Callable, params: LossParams, *,
                   epochs: int, mini_batch_size: int, micro_batch_size: int, grad_clip: float,
                   temperature: float, chunk_tokens: int, generator: torch.Generator,
                   backend=None) -> dict[str, float]:
-    """Run the optimizer steps of one RL step; returns averaged metrics (max for maxima).
+    """Run the optimizer steps of one RL step at the optimizer's current learning rate (the caller's scheduler
+    steps once per RL step, the paper's unit of warm-up); returns averaged metrics (max for maxima).
 
     ``micro_batch_size`` is responses per forward on one rank; every rank must see the same ``generator``.
     """
@@ -93,7 +94,6 @@ def policy_update(model, optimizer, scheduler, batch: RolloutBatch, loss_fn: Cal
             if not torch.isfinite(grad_norm):
                 raise NonFiniteLossError(f"gradient norm is {grad_norm.item()} at optimizer step {steps}; lower optim.lr")
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
             grad_norms.append(float(grad_norm))
@@ -102,7 +102,7 @@ def policy_update(model, optimizer, scheduler, batch: RolloutBatch, loss_fn: Cal
                for k, v in sums.items()}
     metrics["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
     metrics["optim/steps"] = steps
-    metrics["optim/lr"] = scheduler.get_last_lr()[0]
+    metrics["optim/lr"] = optimizer.param_groups[0]["lr"]
     return metrics
 
 

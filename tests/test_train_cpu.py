@@ -70,6 +70,16 @@ def test_clipping_engages_off_policy(make_cfg, tmp_path):
     assert len(frac) == 6 and sum(v > 0 for v in frac.values()) >= 3, frac
     assert max(history["is/weight_max"].values()) > 1.28
 
+def test_lr_warmup_counts_rl_steps(make_cfg):
+    # Two optimizer steps per RL step; the paper's warm-up (Appendix H: 10 steps) is in RL steps.
+    cfg = make_cfg("ppo.mini_batch_size=8", "optim.lr=1e-3", "optim.warmup_steps=4", "steps=5", "eval_every=0",
+                   tracking=True)
+    run(cfg)
+    history = metric_histories(cfg.tracking.uri, (Path(cfg.out_dir) / "run_id.txt").read_text().strip())
+    lrs = [history["optim/lr"][s] for s in range(1, 6)]
+    assert lrs == pytest.approx([1e-3 * f for f in (0.2, 0.4, 0.6, 0.8, 1.0)], rel=1e-9)
+
+
 def test_non_finite_loss_stops_the_run_and_marks_it_failed(make_cfg, tmp_path):
     # A buggy reward function that returns nan makes the advantages, hence the loss, nan.
     from rpg.rewards import REWARDS

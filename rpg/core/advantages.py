@@ -18,15 +18,19 @@ STD_EPS = 1e-6
 
 
 def _group_stats(rewards: torch.Tensor, group_ids: torch.Tensor):
-    """Per-response group mean, unbiased group std and group size."""
+    """Per-response group mean, unbiased group std and group size, in ``rewards``' dtype.
+
+    Sums run in float64 and are rounded once to the input dtype, so a constant group's mean is exactly its
+    reward and its advantages exactly 0 (in float32, a sum of 16 x -1.4 divided by 16 is not -1.4).
+    """
+    r = rewards.double()
     _, inverse = torch.unique(group_ids, return_inverse=True)
     k = int(inverse.max()) + 1
-    count = rewards.new_zeros(k).index_add_(0, inverse, torch.ones_like(rewards))
-    total = rewards.new_zeros(k).index_add_(0, inverse, rewards)
-    mean = (total / count)[inverse]
-    sq = rewards.new_zeros(k).index_add_(0, inverse, (rewards - mean) ** 2)
+    count = r.new_zeros(k).index_add_(0, inverse, torch.ones_like(r))
+    mean = (r.new_zeros(k).index_add_(0, inverse, r) / count)[inverse]
+    sq = r.new_zeros(k).index_add_(0, inverse, (r - mean) ** 2)
     std = (sq / (count - 1).clamp(min=1)).sqrt()[inverse]
-    return mean, std, count[inverse]
+    return mean.to(rewards.dtype), std.to(rewards.dtype), count[inverse].to(rewards.dtype)
 
 
 def _check(rewards, group_ids, mask):
@@ -54,15 +58,15 @@ def group_mean(rewards, group_ids, mask):
 def batch_mean(rewards, group_ids, mask):
     """R - mean over the whole batch."""
     _check(rewards, group_ids, mask)
-    return rewards - rewards.mean()
+    return rewards - rewards.double().mean().to(rewards.dtype)  # float64 sum: a constant batch gives exactly 0
 
 
 @ADVANTAGES.register("rloo")
 def rloo(rewards, group_ids, mask):
     """REINFORCE leave-one-out: R_i - mean of the other responses of its group (0 for a group of one)."""
     _check(rewards, group_ids, mask)
-    mean, _, count = _group_stats(rewards, group_ids)
-    loo = (mean * count - rewards) / (count - 1).clamp(min=1)
+    mean, _, count = (t.double() for t in _group_stats(rewards, group_ids))
+    loo = ((mean * count - rewards.double()) / (count - 1).clamp(min=1)).to(rewards.dtype)
     return torch.where(count > 1, rewards - loo, torch.zeros_like(rewards))
 
 

@@ -78,6 +78,21 @@ def test_constant_rewards_give_zero_advantage(name):
     torch.testing.assert_close(everywhere, torch.zeros(6, dtype=F64), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("name", sorted(ADVANTAGES))
+def test_constant_float32_rewards_give_exactly_zero_advantage(name):
+    """Rounding must not turn a constant group into a signal: 16 rewards of -1.4 in float32 (whose sum is
+    not exactly 16 x -1.4) once gave group_zscore advantages of -0.19 each."""
+    rewards = torch.full((32,), -1.4)
+    rewards[16:] = 0.7
+    groups, mask = torch.arange(32) // 16, _mask([3] * 32)
+    got = ADVANTAGES[name](rewards, groups, mask)
+    assert got.dtype == torch.float32
+    if GROUP_BASED[name]:
+        assert torch.equal(got, torch.zeros(32)), got
+    everywhere = ADVANTAGES[name](torch.full((32,), -1.4), groups, mask)
+    assert torch.equal(everywhere, torch.zeros(32)), everywhere
+
+
 def test_group_zscore_uses_the_unbiased_std():
     """A group of two: std = sqrt(((10 - 5)^2 + (0 - 5)^2) / (2 - 1)) = sqrt(50), z = +-5 / sqrt(50) = +-1/sqrt(2)
     (the biased std, sqrt(25) = 5, would give +-1)."""

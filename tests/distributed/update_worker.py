@@ -58,9 +58,8 @@ def main(out: str, loss: str, agg: str, micro: int, checkpointing: bool = False)
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = backend.wrap(lm)
     optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     params = LossParams(kl_coef=0.1, clip_low=0.2, clip_high=0.28, agg=agg)
-    metrics = policy_update(module, optimizer, scheduler, batch, POLICY_LOSSES[loss], params, epochs=1,
+    metrics = policy_update(module, optimizer, batch, POLICY_LOSSES[loss], params, epochs=1,
                             mini_batch_size=MINI, micro_batch_size=micro, grad_clip=1e9, temperature=1.0,
                             chunk_tokens=7, generator=torch.Generator().manual_seed(0), backend=backend)
     weights = {k: v.full_tensor() if hasattr(v, "full_tensor") else v  # every rank gathers, in order
