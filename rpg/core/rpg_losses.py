@@ -8,6 +8,7 @@ Every variant's exact gradient is  -E_{pi_old}[Weight_X grad log pi_theta]  with
 Arguments of every loss: logp, old_logp, ref_logp, mask: [N, T]; advantages: [N];
 params: LossParams; totals: BatchTotals of the whole mini-batch (None = this batch);
 token_weights: optional [N, T] per-token factors on each sample's loss (level=token; e.g. truncated IS).
+Every registered loss computes in float32 or wider (float64 inputs stay float64), whatever the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from rpg.core.common_metrics import sample_metrics
 from rpg.core.divergences import RPG_KL_TERMS, RPG_KL_WEIGHTS
 from rpg.core.masked import aggregate, masked_mean
 from rpg.core.registry import Registry
-from rpg.core.samples import build_samples
+from rpg.core.samples import at_least_float32, build_samples
 from rpg.core.types import BatchTotals, LossOutput, LossParams
 
-POLICY_LOSSES = Registry("policy loss")
+POLICY_LOSSES = Registry("policy loss", wrap=at_least_float32)  # bf16 inputs are computed in float32
 
 
 def fully_differentiable_loss(kl: str, logp, old_logp, ref_logp, advantages, mask, params: LossParams,

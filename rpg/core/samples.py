@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,22 @@ class Samples:
     adv: torch.Tensor
     valid: torch.Tensor
     clamped: torch.Tensor
+
+
+def at_least_float32(loss_fn):
+    """Run a policy loss in float32 or wider whatever the inputs' dtype (gradients flow back to it).
+
+    In bfloat16 a sequence-level sum of log-probs keeps ~3 significant digits: the loss of a 1k-token
+    response was -844 instead of -1036, and ratios near the clip bounds fell on the wrong side.
+    """
+    @functools.wraps(loss_fn)
+    def wrapped(logp, old_logp, ref_logp, advantages, mask, params, totals=None, token_weights=None):
+        dtype = torch.promote_types(logp.dtype, torch.float32)
+        up = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)
+        return loss_fn(up(logp), up(old_logp), up(ref_logp), up(advantages), up(mask), params, totals,
+                       token_weights=up(token_weights))
+
+    return wrapped
 
 
 def check_inputs(logp, old_logp, ref_logp, advantages, mask) -> None:
