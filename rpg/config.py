@@ -108,7 +108,7 @@ class EngineConfig:
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # the paper names none: AdamW's (torch, verl)
     warmup_steps: int = 0  # linear warm-up over this many RL steps (the paper's unit), then constant
     grad_clip: float = 1.0
 
