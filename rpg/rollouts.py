@@ -69,7 +69,8 @@ def score(gens: Generations, prompts: PromptSet, n: int, reward_fn, timeout_s: f
 
 def collect(engine, tokenizer, train: PromptSet, sampler: PromptSampler, cfg, reward_fn) -> ScoredBatch:
     """Sample prompts_per_step groups of G responses; with dynamic sampling keep only groups whose
-    rewards differ, drawing more prompt batches until the batch is full (at most max_gen_batches)."""
+    *accuracy* differs (as DAPO: shaping such as the overlong penalty does not make an all-wrong group a
+    signal), drawing more prompt batches until the batch is full (at most max_gen_batches)."""
     a, r, d = cfg.algo, cfg.rollout, cfg.data
     n, want = r.samples_per_prompt, r.prompts_per_step
     sampling = SamplingParams(n=n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=d.max_response_len)
@@ -79,7 +80,7 @@ def collect(engine, tokenizer, train: PromptSet, sampler: PromptSampler, cfg, re
     while len(kept) < want:
         if rounds == a.max_gen_batches:
             raise DynamicSamplingError(
-                f"dynamic sampling found {len(kept)} of {want} prompt groups with mixed rewards after "
+                f"dynamic sampling found {len(kept)} of {want} prompt groups with mixed accuracy after "
                 f"{rounds} generation rounds; raise algo.max_gen_batches, rollout.samples_per_prompt, "
                 "or set algo.dynamic_sampling=false")
         rounds += 1
@@ -92,7 +93,7 @@ def collect(engine, tokenizer, train: PromptSet, sampler: PromptSampler, cfg, re
         errors += errs
         for i in range(want):
             rows = slice(i * n, (i + 1) * n)
-            if a.dynamic_sampling and bool((scores[rows] == scores[rows][0]).all()):
+            if a.dynamic_sampling and bool((acc[rows] == acc[rows][0]).all()):
                 dropped += 1
                 continue
             kept.append((gens, rows, scores[rows], acc[rows]))
