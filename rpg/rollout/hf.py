@@ -3,14 +3,39 @@ on a full copy kept by each rank (FSDP backend; synced from the gathered weights
 
 from __future__ import annotations
 
+import logging
+
 import torch
+from transformers import GenerationConfig
 
 from rpg.rollout.base import Generations, SamplingParams, finish_responses, left_pad
+
+log = logging.getLogger("rpg.rollout")
+
+
+def neutral_generation_config(model) -> None:
+    """Replace ``model.generation_config`` by one that keeps only the special tokens.
+
+    ``generate`` merges a checkpoint's ``generation_config.json`` into every call, even one that passes its
+    own GenerationConfig (e.g. Qwen2.5-7B-Instruct ships repetition_penalty 1.05, top_k 20): tokens would
+    come from a distribution other than the softmax(logits / T) that the trainer scores as pi_old.
+    """
+    old = model.generation_config
+    neutral = GenerationConfig(pad_token_id=old.pad_token_id, eos_token_id=old.eos_token_id,
+                               bos_token_id=old.bos_token_id)
+    changed = sorted(k for k, v in old.to_diff_dict().items()
+                     if k not in ("pad_token_id", "eos_token_id", "bos_token_id", "transformers_version")
+                     and getattr(neutral, k, None) != v)
+    if changed:
+        log.info("rollouts ignore the checkpoint's generation_config settings %s: sampling is softmax(logits / "
+                 "rollout.temperature) with rollout.top_p", changed)
+    model.generation_config = neutral
 
 
 class HFEngine:
     def __init__(self, model, tokenizer, batch_size: int = 512):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        neutral_generation_config(model)
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> Generations:

@@ -123,6 +123,9 @@ class VLLMEngine:
         path, needs_sync = self._model_dir(model, model_path)
         if in_process:
             llm_kwargs.setdefault("distributed_executor_backend", "uni")
+        # vLLM's own sampling defaults, never the checkpoint's generation_config.json (repetition penalty,
+        # top_k...): the sampler must be softmax(logits / T), the distribution the trainer scores
+        llm_kwargs.setdefault("generation_config", "vllm")
         t0 = time.perf_counter()
         with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else None), \
                 _env("CUDA_VISIBLE_DEVICES", _this_gpu() if on_cuda and not in_process else None):
