@@ -100,16 +100,34 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def load_latest_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu",
                            weights_only: bool = True) -> dict[str, Any] | None:
-    """The checkpoint `latest` points to (else the highest step present); None if there is none."""
+    """The checkpoint `latest` points to, else the highest step present; None if there is none.
+
+    A file that cannot be read (truncated, overwritten, not a torch file) is skipped with a warning that
+    names it and why, and the next newest is tried; if none can be read this raises instead of letting a
+    run start over. Files are always read with `weights_only=True` unless the caller asks otherwise.
+    """
     directory = Path(directory)
+    found = [p for _, p in reversed(list_checkpoints(directory))]
     pointer = directory / LATEST
     if pointer.is_file():
         target = directory / pointer.read_text().strip()
-        if _NAME.match(target.name) and target.is_file():
-            return load_checkpoint(target, map_location, weights_only)
-        log.warning("%s points to missing %s; using the newest step_*.pt instead", pointer, target)
-    found = list_checkpoints(directory)
-    return load_checkpoint(found[-1][1], map_location, weights_only) if found else None
+        if target in found:
+            found.remove(target)
+            found.insert(0, target)
+        else:
+            log.warning("%s points to missing %s; using the newest step_*.pt instead", pointer, target)
+    rejected = []
+    for path in found:
+        try:
+            return load_checkpoint(path, map_location, weights_only)
+        except Exception as err:  # noqa: BLE001 -- any unreadable file: say which and try the next
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
+            log.warning("skipping unreadable checkpoint %s (%s)", path, reason)
+            rejected.append(f"{path.name} ({reason})")
+    if rejected:
+        raise RuntimeError(f"no readable checkpoint in {directory}: {'; '.join(rejected)}. Restore one, or delete "
+                           "them (or set resume=never) to start this run over")
+    return None
 
 
 def rng_state() -> dict[str, Any]:

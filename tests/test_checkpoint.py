@@ -109,3 +109,36 @@ def test_latest_pointer_and_fallback(tmp_path):
     assert load_latest_checkpoint(tmp_path)["step"] == 6
     os.unlink(tmp_path / "step_6.pt")  # pointer to a missing file: newest present wins
     assert load_latest_checkpoint(tmp_path)["step"] == 7
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_newest_checkpoint_falls_back_to_an_intact_one(tmp_path, damage, caplog):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))})
+    newest = tmp_path / "step_2.pt"
+    data = newest.read_bytes()
+    newest.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
+    with caplog.at_level("WARNING", logger="rpg.checkpoint"):
+        ckpt = load_latest_checkpoint(tmp_path)
+    assert ckpt["step"] == 1
+    torch.testing.assert_close(ckpt["w"], torch.full((2,), 1.0), atol=0, rtol=0)
+    assert "step_2.pt" in caplog.text and "skipping unreadable checkpoint" in caplog.text
+
+
+def test_no_readable_checkpoint_refuses_to_start_over(tmp_path):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {})
+        (tmp_path / f"step_{step}.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=r"no readable checkpoint .*step_2\.pt .*step_1\.pt .*resume=never"):
+        load_latest_checkpoint(tmp_path)
+
+
+def test_checkpoints_are_read_without_executing_code(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    save_checkpoint(tmp_path, 1, {"ok": torch.zeros(1)})
+    torch.save({"step": 2, "x": Payload()}, tmp_path / "step_2.pt")  # a file that would run code when unpickled
+    (tmp_path / LATEST).write_text("step_2.pt\n")
+    assert load_latest_checkpoint(tmp_path)["step"] == 1  # refused by weights_only, not executed
