@@ -130,9 +130,11 @@ def test_reissued_sweep_submits_only_missing_runs(hydra_sweep, slurm_cluster, tm
     print(f"\nre-issue: 3 of 7 runs submitted and finished in {time.monotonic() - t0:.1f}s")
 
 
-N_PREEMPT = 8
+#: Long enough that the job is still training when USR2 arrives after its 2nd checkpoint: at 8 steps a run
+#: on a fast CPU (~0.1 s/step) had finished before the signal was handled, and was never requeued.
+N_PREEMPT = 30
 #: Overlong shaping makes rewards differ within a group, so the tiny model gets real updates.
-PREEMPT = {**JOB, "steps": N_PREEMPT, "eval_every": 4, "algo": "rpg_rf_urkl", "algo.overlong_buffer_frac": 0.5}
+PREEMPT = {**JOB, "steps": N_PREEMPT, "eval_every": 10, "algo": "rpg_rf_urkl", "algo.overlong_buffer_frac": 0.5}
 
 
 @pytest.fixture(scope="module")
