@@ -11,6 +11,9 @@ from transformers import GenerationConfig
 from rpg.rollout.base import Generations, SamplingParams, finish_responses, left_pad
 
 log = logging.getLogger("rpg.rollout")
+#: generation_config fields that do not change which tokens are sampled
+_NO_EFFECT = {"pad_token_id", "eos_token_id", "bos_token_id", "transformers_version", "_from_model_config",
+              "use_cache", "output_attentions", "output_hidden_states", "return_dict_in_generate"}
 
 
 def neutral_generation_config(model) -> None:
@@ -23,9 +26,7 @@ def neutral_generation_config(model) -> None:
     old = model.generation_config
     neutral = GenerationConfig(pad_token_id=old.pad_token_id, eos_token_id=old.eos_token_id,
                                bos_token_id=old.bos_token_id)
-    changed = sorted(k for k, v in old.to_diff_dict().items()
-                     if k not in ("pad_token_id", "eos_token_id", "bos_token_id", "transformers_version")
-                     and getattr(neutral, k, None) != v)
+    changed = sorted(k for k, v in old.to_diff_dict().items() if k not in _NO_EFFECT and getattr(neutral, k, None) != v)
     if changed:
         log.info("rollouts ignore the checkpoint's generation_config settings %s: sampling is softmax(logits / "
                  "rollout.temperature) with rollout.top_p", changed)
