@@ -16,8 +16,10 @@ and ``n_test``; the held-out set is the same for every run that keeps those fixe
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import tempfile
 from pathlib import Path
 from typing import Collection
 
@@ -156,9 +158,13 @@ def write_parquet(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pd.DataFrame(toy_records(split, seed, digits, n_test)).to_parquet(tmp, index=False)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # one per writer:
+    os.close(fd)  # runs that start together on one cache_dir each write their own, the last rename wins
+    try:
+        pd.DataFrame(toy_records(split, seed, digits, n_test)).to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return path
 
 

@@ -135,3 +135,19 @@ def test_warm_start_key_ignores_cache_dir_only():
     assert WarmStartConfig(lr=1e-3).key() != base.key()
     with pytest.raises(ValueError, match="unknown warm-start settings"):
         WarmStartConfig.from_mapping({"learning_rate": 1e-3})
+
+
+def _write_many(path: str) -> int:
+    for _ in range(10):
+        write_parquet(path, "test", n_test=50)
+    return len(pd.read_parquet(path))
+
+
+def test_concurrent_writers_of_one_cache_file_all_succeed(tmp_path):
+    """Runs started together on one cache_dir write the same toy file at once (a fixed temp name raced)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    path = tmp_path / "toy" / "test.parquet"
+    with ProcessPoolExecutor(4) as pool:
+        assert list(pool.map(_write_many, [str(path)] * 4)) == [50] * 4
+    assert sorted(p.name for p in path.parent.iterdir()) == ["test.parquet"]
