@@ -111,7 +111,7 @@ def test_two_ranks_with_vllm_rollouts_learn_the_toy_task(tmp_path, cache_dir):
         "('eval/toy/greedy_acc', 'rollout/logp_absdiff_max', 'rollout/tis_weight_mean')").fetchall()
     acc = {step: v for key, step, v in rows if key == "eval/toy/greedy_acc"}
     assert sorted(acc) == [0, 30]
-    assert acc[30] >= acc[0] + 0.2, acc  # measured 0.33 -> 0.8x on one process at step 30
+    assert acc[30] >= acc[0] + 0.2, acc  # measured 0.23 -> 0.72 (avx2 kernels) and 0.77 (avx512)
     diffs = [v for key, _, v in rows if key == "rollout/logp_absdiff_max"]
     assert len(diffs) == 30 and max(diffs) < 1e-3  # the engine samples from the synced weights
     tis = [v for key, _, v in rows if key == "rollout/tis_weight_mean"]  # truncated IS on: weights ~ 1 here
