@@ -61,5 +61,6 @@ class Reference:
 
     def load_state_dict(self, state: dict) -> None:
         self.kl_avg, self.refreshes = state["kl_avg"], state["refreshes"]
-        self._ema, self._updates = state["ema"], state["updates"]
-        self._last_refresh_step = state["last_refresh_step"]
+        # checkpoints written before these were kept: restart the average, count from step 0
+        self._ema, self._updates = state.get("ema", 0.0), state.get("updates", 0)
+        self._last_refresh_step = state.get("last_refresh_step", 0)
