@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from rpg.tracking_base import (NullTracker, RunInfo, Tracker, TrackingError, flatten_params,  # noqa: F401
-                               mlflow_key, resolve_tracking_uri)
+                               mlflow_key, redact, resolve_tracking_uri)
 
 try:
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
@@ -58,7 +58,10 @@ def _retry(fn, timeout_s: float, what: str):
             raise
         except Exception as exc:  # noqa: BLE001
             if _permanent(exc) or time.monotonic() + delay > deadline:
-                raise TrackingError(f"{what} failed: {exc}") from exc
+                message = f"{what} failed: {exc}"
+                if redact(message) != message:  # the store's error quotes the URI: no password, no chain
+                    raise TrackingError(redact(message)) from None
+                raise TrackingError(message) from exc
             time.sleep(delay)
             delay = min(2 * delay, 5.0)
 
@@ -92,6 +95,9 @@ class MLflowTracker:
         for key, value in HTTP_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.display_uri = redact(self.tracking_uri)  # what messages show: never a password
+        if self.display_uri != self.tracking_uri:  # MLflow would print its run link with the password
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.output_dir = Path(output_dir or Path.cwd()).resolve()
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.flush_interval_s, self.max_buffer = flush_interval_s, max_buffer
@@ -116,7 +122,7 @@ class MLflowTracker:
         if self.run_id is not None:
             raise TrackingError("this tracker already has a run; use one tracker per run")
         tags = {str(k): str(v) for k, v in tags.items()}
-        where = (f"at {self.tracking_uri} (is the store reachable? set tracking.uri or "
+        where = (f"at {self.display_uri} (is the store reachable? set tracking.uri or "
                  "MLFLOW_TRACKING_URI; a server starts with `python -m rpg.tracking_server`)")
         if run_id is None:
             exp_id = _retry(lambda: self._experiment_id(experiment), self.start_timeout_s,
@@ -161,13 +167,13 @@ class MLflowTracker:
             _retry(lambda: self.client.set_terminated(self.run_id, status),
                    max(1.0, min(10.0, deadline - time.monotonic())), "setting the run status")
         except TrackingError as exc:
-            log.error("could not set status %s on run %s: %s", status, self.run_id, exc)
+            log.error("could not set status %s on run %s: %s", status, self.run_id, redact(str(exc)))
             records.append({"run_id": self.run_id, "status": status, "end_time": _now_ms()})
         if records:
             path = self._write_unsent(records)
             log.error("tracking store %s unreachable at the end of run %s: %d metrics and %d "
                       "artifacts NOT sent, saved to %s. Send them later with: python -m "
-                      "rpg.tracking upload %s", self.tracking_uri, self.run_id, len(metrics),
+                      "rpg.tracking upload %s", self.display_uri, self.run_id, len(metrics),
                       len(ops), path, path)
 
     def _atexit(self) -> None:
@@ -199,7 +205,7 @@ class MLflowTracker:
                 path = self._write_unsent([_record(self.run_id, m) for m in spilled])
                 log.error("metric buffer full (%d; store %s unreachable): the oldest %d metrics "
                           "were written to %s. Send them later with: python -m rpg.tracking "
-                          "upload %s", self.max_buffer, self.tracking_uri, len(spilled), path, path)
+                          "upload %s", self.max_buffer, self.display_uri, len(spilled), path, path)
         except Exception:  # noqa: BLE001 - tracking must never break training
             log.exception("log_metrics failed at step %s", step)
 
@@ -279,7 +285,7 @@ class MLflowTracker:
                     if self._down_since is None:
                         self._down_since = time.monotonic()
                         log.warning("tracking store %s unreachable (%s); buffering metrics and "
-                                    "retrying with backoff", self.tracking_uri, str(exc)[:200])
+                                    "retrying with backoff", self.display_uri, redact(str(exc))[:200])
                     return False
                 self._handle_rejected(op, batch, exc)
             with self._cv:
@@ -289,25 +295,25 @@ class MLflowTracker:
                     self._inflight = []
         if self._down_since is not None:
             log.warning("tracking store %s reachable again after %.1f s; sent %d buffered metrics",
-                        self.tracking_uri, time.monotonic() - self._down_since, sent)
+                        self.display_uri, time.monotonic() - self._down_since, sent)
             self._down_since = None
         return True
 
     def _handle_rejected(self, op, batch: list[Metric], exc: Exception) -> None:
         """A permanent error: retry metrics one by one; save the rejected ones with the error."""
         if op is not None:
-            log.error("artifact %s rejected by %s (%s); it stays on disk", op[0], self.tracking_uri, exc)
+            log.error("artifact %s rejected by %s (%s); it stays on disk", op[0], self.display_uri, redact(str(exc)))
             return
         rejected = []
         for m in batch:
             try:
                 self.client.log_batch(self.run_id, metrics=[m])
             except Exception as one:  # noqa: BLE001
-                rejected.append({**_record(self.run_id, m), "error": str(one)[:300]})
+                rejected.append({**_record(self.run_id, m), "error": redact(str(one))[:300]})
         if rejected:
             path = self._write_unsent(rejected, "rejected")
             log.error("%d metrics rejected by %s (%s); saved to %s", len(rejected),
-                      self.tracking_uri, exc, path)
+                      self.display_uri, redact(str(exc)), path)
 
     # ------------------------------------------------------------------ helpers
     def _experiment_id(self, name: str) -> str:

@@ -68,6 +68,16 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^\s:/@]*:)[^\s@/]*@")
+
+
+def redact(text: str | None) -> str | None:
+    """`text` with the password of every URL in it replaced by '***' (http://alice:s3cret@host ->
+    http://alice:***@host): for everything that is logged, printed or stored. The tracker itself
+    connects with the real URI."""
+    return text if not text or "@" not in text else _URL_PASSWORD.sub(r"\1***@", text)
+
+
 def flatten_params(params: Mapping, prefix: str = "") -> dict[str, str]:
     """{'algo': {'kl_coef': 0.1}} -> {'algo.kl_coef': '0.1'}."""
     flat: dict[str, str] = {}

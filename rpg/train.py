@@ -34,6 +34,7 @@ from rpg.rollout.sharded import ShardedEngine
 from rpg.rollouts import PromptSampler, collect
 from rpg.run_meta import Terminated, config_hash, git_state, raise_on_sigterm, resume_key, run_name
 from rpg.tracking import MLflowTracker, NullTracker
+from rpg.tracking_base import redact
 from rpg.update import RolloutBatch, policy_update
 
 log = logging.getLogger("rpg")
@@ -68,6 +69,13 @@ def tracking_uri(cfg) -> str | None:
 
     launch_dir = Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
     return f"sqlite:///{launch_dir / 'mlflow.db'}"
+
+
+def loggable_config(cfg) -> dict:
+    """The resolved config as the run's params and config.yaml record it: no password in any URI."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["tracking"]["uri"] = redact(resolved["tracking"]["uri"])
+    return resolved
 
 
 def engine_options(cfg) -> dict:
@@ -141,10 +149,10 @@ def run(cfg) -> dict[str, float]:
                 "sweep": cfg.sweep, "config_hash": config_hash(cfg), "git_sha": sha, "git_dirty": dirty,
                 "hydra_sweep_dir": str(out_dir.parent), "run_name": run_name(cfg), "out_dir": str(out_dir),
                 "world_size": backend.world_size}
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved = loggable_config(cfg)
         run_id = tracker.start(cfg.tracking.experiment, run_name(cfg), resolved, tags, run_id=run_id)
         (out_dir / "run_id.txt").write_text(run_id or "")
-        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
         tracker.log_text(json.dumps(info, indent=2), "policy_info.json")
 
     def evaluate(step):  # on every rank (the engine is sharded); rank 0 logs
