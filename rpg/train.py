@@ -78,6 +78,22 @@ def loggable_config(cfg) -> dict:
     return resolved
 
 
+def run_summary(name: str, first: dict, last: dict, steps: int, out_dir: Path, run_id: str | None,
+                store: str | None) -> str:
+    """What a finished run found and where it is: held-out accuracy at the first and last evaluation
+    (greedy where measured, else every mean@k), the MLflow run and the output folder."""
+    evals = [k for k in sorted(last) if k.startswith("eval/") and k.endswith("/greedy_acc")]
+    evals = evals or [k for k in sorted(last) if k.startswith("eval/") and "/mean_at_" in k]
+    lines = [f"{name}: finished {steps} steps"]
+    for k in evals:
+        lines.append(f"  {k}: " + (f"{first[k]:.3f} (step 0) -> " if k in first else "") + f"{last[k]:.3f}")
+    if run_id and store:
+        browse = f"; browse with: mlflow ui --backend-store-uri {store}" if store.startswith("sqlite") else ""
+        lines.append(f"  MLflow run {run_id} in {store}{browse}")
+    lines.append(f"  outputs and checkpoints: {out_dir}")
+    return "\n".join(lines)
+
+
 def engine_options(cfg) -> dict:
     e = cfg.engine
     if e.rollout != "vllm":
@@ -164,10 +180,12 @@ def run(cfg) -> dict[str, float]:
         return metrics
 
     final: dict[str, float] = {}
+    first_eval: dict[str, float] = {}
     raise_on_sigterm()
     try:
         if start_step == 0 and eval_sets:
-            final.update(evaluate(0))
+            first_eval = evaluate(0)
+            final.update(first_eval)
         bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=run_name(cfg),
                    dynamic_ncols=True, disable=not backend.is_main)
         for step in bar:
@@ -239,4 +257,6 @@ def run(cfg) -> dict[str, float]:
     tracker.end("FINISHED")
     if backend.is_main:
         (out_dir / FINAL_METRICS).write_text(json.dumps(final, indent=1))
+        log.info("%s", run_summary(run_name(cfg), first_eval, final, cfg.steps, out_dir, run_id,
+                                   getattr(tracker, "display_uri", None)))
     return final

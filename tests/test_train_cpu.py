@@ -191,3 +191,21 @@ def test_resume_refuses_checkpoints_of_another_config(make_cfg, tmp_path):
     assert sorted(p.name for p in (tmp_path / "shared" / "checkpoints").glob("step_*.pt")) == ["step_1.pt", "step_2.pt"]
     with pytest.raises(ConfigError, match="different configuration"):
         run(make_cfg("steps=3", "eval_every=0", "optim.lr=3e-4", out_dir=tmp_path / "shared"))
+
+
+def test_a_run_ends_by_saying_what_it_found_and_where(tmp_path, fast_overrides):
+    import subprocess
+    import sys
+
+    db = tmp_path / "mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "rpg.main", *fast_overrides, f"out_dir={tmp_path / 'run'}",
+                           f"tracking.uri=sqlite:///{db}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_id = (tmp_path / "run" / "run_id.txt").read_text().strip()
+    final = __import__("json").loads((tmp_path / "run" / "final_metrics.json").read_text())
+    out = proc.stdout + proc.stderr
+    assert "rpg_rf_urkl-tiny-toy-s1: finished 2 steps" in out
+    assert f"eval/toy/greedy_acc: " in out and f"-> {final['eval/toy/greedy_acc']:.3f}" in out
+    assert f"MLflow run {run_id} in sqlite:///{db}; browse with: mlflow ui --backend-store-uri sqlite:///{db}" in out
+    assert f"outputs and checkpoints: {tmp_path / 'run'}" in out
