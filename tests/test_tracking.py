@@ -222,3 +222,34 @@ def test_null_tracker():
     t.log_text("x", "a.txt")
     assert t.flush() is True
     t.end("FAILED")
+
+
+RACER = """
+import sys, time
+uri, t0, i = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+from rpg.tracking import MLflowTracker
+while time.time() < t0:
+    time.sleep(0.001)
+tracker = MLflowTracker(uri, output_dir=sys.argv[4], start_timeout_s=60)
+tracker.start("race", f"r{i}", {"i": i}, {})
+tracker.log_metrics({"x": 1.0}, 1)
+tracker.end("FINISHED")
+"""
+
+
+def test_four_runs_starting_together_on_a_new_store_all_finish(tmp_path):
+    """MLflow creates a sqlite schema on first use; 4 processes doing it at once broke the store (1 of 4
+    survived before the store was created under a file lock)."""
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    t0 = time.time() + 8  # after every process has imported mlflow
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, uri, str(t0), str(i), str(tmp_path / f"o{i}")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(4)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(o[-1500:] for o in outs)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
