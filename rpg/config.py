@@ -190,11 +190,42 @@ class ConfigError(ValueError):
     """A configuration that composes but cannot run; the message says what to set."""
 
 
+#: Declared valid ranges of numeric settings: key -> (test, what the range is).
+RANGES = {
+    "optim.lr": (lambda v: v > 0, "> 0"),
+    "optim.grad_clip": (lambda v: v > 0, "> 0 (the max gradient norm; a huge value turns clipping off)"),
+    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optim.warmup_steps": (lambda v: v >= 0, ">= 0 (RL steps)"),
+    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1), e.g. [0.9,0.999]"),
+    "rollout.temperature": (lambda v: v > 0, "> 0 (sampling at temperature 0 has no log-probability to train on)"),
+    "rollout.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "ppo.epochs": (lambda v: v >= 1, ">= 1"),
+    "ppo.mini_batch_size": (lambda v: v >= 1, ">= 1 (responses per optimizer step)"),
+    "ppo.micro_batch_size": (lambda v: v >= 1, ">= 1 (responses per forward)"),
+    "save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    "seed": (lambda v: v >= 0, ">= 0"),
+    "data.max_response_len": (lambda v: v >= 1, ">= 1 (tokens)"),
+    "engine.logprob_chunk": (lambda v: v >= 1, ">= 1 (tokens per chunk)"),
+}
+
+
+def check_ranges(cfg) -> None:
+    """Refuse a value outside its declared range, naming the key, the value and the range."""
+    for key, (ok, valid) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key}={value} is out of range: it must be {valid}")
+    for i, e in enumerate(cfg.data.eval_sets):
+        if e.k < 1:
+            raise ConfigError(f"data.eval_sets.{i}.k={e.k} is out of range: it must be >= 1 (samples per problem)")
+
+
 def validate(cfg) -> None:
     """Fail before any work on combinations the schemas cannot express."""
     from rpg.core.advantages import ADVANTAGES
     from rpg.core.losses import POLICY_LOSSES, LossParams
 
+    check_ranges(cfg)
     a, r, u = cfg.algo, cfg.rollout, cfg.ppo
     for group, schema in (("algo", AlgoConfig), ("model", ModelConfig), ("data", DataConfig), ("engine", EngineConfig)):
         unknown = set(cfg[group]) - {f.name for f in fields(schema)}

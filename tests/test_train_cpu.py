@@ -109,11 +109,28 @@ def test_non_finite_loss_stops_the_run_and_marks_it_failed(make_cfg, tmp_path):
     ("algo.ref_update=sometimes", "ref_update"),
     ("rollout.tis_cap=2.0", "engine.rollout=vllm"),
     ("engine.backend=ddp", "use local .one process. or fsdp"),
+    ("optim.grad_clip=-1", r"optim.grad_clip=-1.0 is out of range: it must be > 0"),
+    ("optim.grad_clip=0", r"optim.grad_clip=0.0 is out of range"),
+    ("optim.lr=0", r"optim.lr=0.0 is out of range: it must be > 0"),
+    ("optim.betas=[0.9]", r"optim.betas=\[0.9\] is out of range: it must be two values"),
+    ("rollout.top_p=1.5", r"rollout.top_p=1.5 is out of range: it must be in \(0, 1\]"),
+    ("rollout.top_p=0", r"rollout.top_p=0.0 is out of range"),
+    ("rollout.temperature=0", r"rollout.temperature=0.0 is out of range: it must be > 0"),
+    ("save_every=-1", r"save_every=-1 is out of range"),
+    ("ppo.mini_batch_size=0", r"ppo.mini_batch_size=0 is out of range"),
+    ("ppo.micro_batch_size=0", r"ppo.micro_batch_size=0 is out of range"),
+    ("ppo.epochs=0", r"ppo.epochs=0 is out of range: it must be >= 1"),
+    ("data.eval_sets.0.k=0", r"data.eval_sets.0.k=0 is out of range"),
+    ("data.max_response_len=0", r"data.max_response_len=0 is out of range"),
+    ("engine.logprob_chunk=0", r"engine.logprob_chunk=0 is out of range"),
+    ("seed=-1", r"seed=-1 is out of range"),
 ])
 def test_inconsistent_config_fails_before_work(make_cfg, override, message, tmp_path):
+    cfg = make_cfg(override, tracking=True)
     with pytest.raises(ConfigError, match=message):
-        run(make_cfg(override))
-    assert not (tmp_path / "run" / "checkpoints").exists()
+        run(cfg)
+    assert not (tmp_path / "run").exists()  # no run folder, checkpoint or MLflow run was made
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_unknown_names_fail_at_composition(make_cfg):
