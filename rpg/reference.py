@@ -28,10 +28,14 @@ class Reference:
             raise ValueError(f"ref_update={mode} needs {'a' if needs_model(mode) else 'no'} reference model")
         self.mode, self.k, self.kl_threshold, self.kl_ema = mode, k, kl_threshold, kl_ema
         self.model = model
-        self.kl_avg = 0.0  # bias-corrected EMA of the token KL since the last refresh
         self.refreshes = 0
-        self._ema, self._updates = 0.0, 0  # raw EMA and its number of updates since the last refresh
+        self._ema, self._updates = 0.0, 0  # raw EMA of the token KL and its updates since the last refresh
         self._last_refresh_step = 0  # optimizer steps at the last refresh
+
+    @property
+    def kl_avg(self) -> float:
+        """Bias-corrected moving average of the token KL since the last refresh (0 right after one)."""
+        return self._ema / (1 - self.kl_ema ** self._updates) if self._updates else 0.0
 
     def logprobs(self, compute, old_logp: torch.Tensor) -> torch.Tensor:
         """``compute(model)`` scores the batch with a model; with ref = old nothing is recomputed."""
@@ -44,23 +48,22 @@ class Reference:
             return False
         self._ema = self.kl_ema * self._ema + (1 - self.kl_ema) * token_kl
         self._updates += 1
-        self.kl_avg = self._ema / (1 - self.kl_ema ** self._updates)
         due = (self.mode == "every_k" and optimizer_steps - self._last_refresh_step >= self.k) or (
             self.mode == "kl_threshold" and self.kl_avg > self.kl_threshold)
         if due:
             self.model.load_state_dict(policy.state_dict())
-            self.kl_avg, self._ema, self._updates = 0.0, 0.0, 0
+            self._ema, self._updates = 0.0, 0
             self._last_refresh_step = optimizer_steps
             self.refreshes += 1
         return due
 
     def state_dict(self) -> dict:
         """The schedule's state; the model's weights are checkpointed by the backend."""
-        return {"kl_avg": self.kl_avg, "refreshes": self.refreshes, "ema": self._ema, "updates": self._updates,
+        return {"refreshes": self.refreshes, "ema": self._ema, "updates": self._updates,
                 "last_refresh_step": self._last_refresh_step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.kl_avg, self.refreshes = state["kl_avg"], state["refreshes"]
+        self.refreshes = state["refreshes"]
         # checkpoints written before these were kept: restart the average, count from step 0
         self._ema, self._updates = state.get("ema", 0.0), state.get("updates", 0)
         self._last_refresh_step = state.get("last_refresh_step", 0)

@@ -1,8 +1,10 @@
 """Experiment tracking with MLflow: `MLflowTracker` (the `Tracker` protocol and `NullTracker` live in
-rpg/tracking_base.py and are re-exported here).
+rpg/tracking_base.py, opening the store, retries and run queries in rpg/tracking_store.py; all are
+re-exported here).
 
-The only module of the `rpg` package that imports mlflow. `MLflowTracker` uses an `MlflowClient`
-with explicit run ids (no global active run), so several trackers can live in one process.
+With rpg/tracking_store.py the only modules of the `rpg` package that import mlflow. `MLflowTracker`
+uses an `MlflowClient` with explicit run ids (no global active run), so several trackers can live in
+one process. Log lines pass a filter that removes any password of a URI.
 `log_metrics` only appends to a buffer; a background thread sends batches (`log_batch`), retries
 with exponential backoff while the store is unreachable and sends the backlog once it is back.
 Whatever is still unsent when `end()` gives up is written to `<output_dir>/unsent_metrics_<run_id>
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
-import fcntl
 import json
 import logging
 import os
@@ -24,10 +25,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from rpg.tracking_base import (NullTracker, RunInfo, Tracker, TrackingError, flatten_params,  # noqa: F401
                                mlflow_key, redact, resolve_tracking_uri)
+from rpg.tracking_store import (METRICS_PER_BATCH, find_runs, get_run_status, is_permanent,  # noqa: F401
+                                open_store, retry, upload_unsent)
 
 try:
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
@@ -36,52 +38,24 @@ except ImportError:  # pragma: no cover - constants moved in another mlflow vers
 
 log = logging.getLogger("rpg.tracking")
 
+
+class _Redact(logging.Filter):
+    """No password of a URI reaches a log line (the store's own errors quote the URI they failed on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if redact(message) != message:
+            record.msg, record.args = redact(message), ()
+        return True
+
+
+log.addFilter(_Redact())
+
 STATUSES = ("FINISHED", "FAILED", "KILLED")
-METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
 TRUNCATION_MARKER = "...[truncated; full value in artifact params_full_values.json]"
 # MLflow's HTTP layer by default retries 7 times with growing backoff (minutes) and waits 120 s per
 # request; the tracker retries by itself, so requests should fail fast. Values already set win.
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-
-
-def _permanent(exc: BaseException) -> bool:
-    """Errors that retrying cannot fix (bad request, missing run, auth); the rest are transient."""
-    return isinstance(exc, MlflowException) and exc.get_http_status_code() in (400, 401, 403, 404)
-
-
-def _retry(fn, timeout_s: float, what: str):
-    """Call `fn`, retrying transient errors with backoff for up to `timeout_s`."""
-    deadline, delay = time.monotonic() + timeout_s, 0.25
-    while True:
-        try:
-            return fn()
-        except TrackingError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            if _permanent(exc) or time.monotonic() + delay > deadline:
-                message = f"{what} failed: {exc}"
-                if redact(message) != message:  # the store's error quotes the URI: no password, no chain
-                    raise TrackingError(redact(message)) from None
-                raise TrackingError(message) from exc
-            time.sleep(delay)
-            delay = min(2 * delay, 5.0)
-
-
-def open_store(uri: str) -> MlflowClient:
-    """A client of ``uri``; a sqlite store is created (or migrated) under an exclusive file lock.
-
-    MLflow creates its schema on first use; several processes doing that at once on a new file (a
-    parallel sweep) broke the store for good (measured: 1 of 4 runs started together survived).
-    """
-    if not uri.startswith("sqlite:///"):
-        return MlflowClient(tracking_uri=uri)
-    path = Path(uri[len("sqlite:///"):])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)  # creates the tables, serialised
-    return client
 
 
 def _now_ms() -> int:
@@ -143,15 +117,15 @@ class MLflowTracker:
         where = (f"at {self.display_uri} (is the store reachable? set tracking.uri or "
                  "MLFLOW_TRACKING_URI; a server starts with `python -m rpg.tracking_server`)")
         if run_id is None:
-            exp_id = _retry(lambda: self._experiment_id(experiment), self.start_timeout_s,
+            exp_id = retry(lambda: self._experiment_id(experiment), self.start_timeout_s,
                             f"opening experiment {experiment!r} {where}")
-            run = _retry(lambda: self.client.create_run(exp_id, tags=tags, run_name=run_name),
+            run = retry(lambda: self.client.create_run(exp_id, tags=tags, run_name=run_name),
                          self.start_timeout_s, f"creating a run {where}")
             run_id, existing = run.info.run_id, {}
         else:
-            run = _retry(lambda: self.client.get_run(run_id), self.start_timeout_s,
+            run = retry(lambda: self.client.get_run(run_id), self.start_timeout_s,
                          f"resuming run {run_id} {where}")
-            _retry(lambda: self.client.update_run(run_id, status="RUNNING"), self.start_timeout_s,
+            retry(lambda: self.client.update_run(run_id, status="RUNNING"), self.start_timeout_s,
                    f"marking run {run_id} RUNNING {where}")
             existing = dict(run.data.params)
             self._log_batched(run_id, "tags", [RunTag(k, v) for k, v in tags.items()])
@@ -182,16 +156,16 @@ class MLflowTracker:
         records = [_record(self.run_id, m) for m in metrics]
         records += [{"run_id": self.run_id, "artifact": p, "artifact_path": a} for p, a in ops]
         try:
-            _retry(lambda: self.client.set_terminated(self.run_id, status),
+            retry(lambda: self.client.set_terminated(self.run_id, status),
                    max(1.0, min(10.0, deadline - time.monotonic())), "setting the run status")
         except TrackingError as exc:
-            log.error("could not set status %s on run %s: %s", status, self.run_id, redact(str(exc)))
+            log.error("could not set status %s on run %s: %s", status, self.run_id, exc)
             records.append({"run_id": self.run_id, "status": status, "end_time": _now_ms()})
         if records:
             path = self._write_unsent(records)
             log.error("tracking store %s unreachable at the end of run %s: %d metrics and %d "
                       "artifacts NOT sent, saved to %s. Send them later with: python -m "
-                      "rpg.tracking upload %s", self.display_uri, self.run_id, len(metrics),
+                      "rpg.tracking upload %s", self.tracking_uri, self.run_id, len(metrics),
                       len(ops), path, path)
 
     def _atexit(self) -> None:
@@ -223,7 +197,7 @@ class MLflowTracker:
                 path = self._write_unsent([_record(self.run_id, m) for m in spilled])
                 log.error("metric buffer full (%d; store %s unreachable): the oldest %d metrics "
                           "were written to %s. Send them later with: python -m rpg.tracking "
-                          "upload %s", self.max_buffer, self.display_uri, len(spilled), path, path)
+                          "upload %s", self.max_buffer, self.tracking_uri, len(spilled), path, path)
         except Exception:  # noqa: BLE001 - tracking must never break training
             log.exception("log_metrics failed at step %s", step)
 
@@ -299,11 +273,11 @@ class MLflowTracker:
                     self.client.log_batch(self.run_id, metrics=batch)
                     sent += len(batch)
             except Exception as exc:  # noqa: BLE001
-                if not _permanent(exc):
+                if not is_permanent(exc):
                     if self._down_since is None:
                         self._down_since = time.monotonic()
                         log.warning("tracking store %s unreachable (%s); buffering metrics and "
-                                    "retrying with backoff", self.display_uri, redact(str(exc))[:200])
+                                    "retrying with backoff", self.tracking_uri, str(exc)[:200])
                     return False
                 self._handle_rejected(op, batch, exc)
             with self._cv:
@@ -313,14 +287,14 @@ class MLflowTracker:
                     self._inflight = []
         if self._down_since is not None:
             log.warning("tracking store %s reachable again after %.1f s; sent %d buffered metrics",
-                        self.display_uri, time.monotonic() - self._down_since, sent)
+                        self.tracking_uri, time.monotonic() - self._down_since, sent)
             self._down_since = None
         return True
 
     def _handle_rejected(self, op, batch: list[Metric], exc: Exception) -> None:
         """A permanent error: retry metrics one by one; save the rejected ones with the error."""
         if op is not None:
-            log.error("artifact %s rejected by %s (%s); it stays on disk", op[0], self.display_uri, redact(str(exc)))
+            log.error("artifact %s rejected by %s (%s); it stays on disk", op[0], self.tracking_uri, exc)
             return
         rejected = []
         for m in batch:
@@ -331,7 +305,7 @@ class MLflowTracker:
         if rejected:
             path = self._write_unsent(rejected, "rejected")
             log.error("%d metrics rejected by %s (%s); saved to %s", len(rejected),
-                      self.display_uri, redact(str(exc)), path)
+                      self.tracking_uri, exc, path)
 
     # ------------------------------------------------------------------ helpers
     def _experiment_id(self, name: str) -> str:
@@ -354,7 +328,7 @@ class MLflowTracker:
     def _log_batched(self, run_id: str, what: str, items: list) -> None:
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             chunk = {what: items[i:i + MAX_PARAMS_TAGS_PER_BATCH]}
-            _retry(lambda: self.client.log_batch(run_id, **chunk), self.start_timeout_s, f"logging {what}")
+            retry(lambda: self.client.log_batch(run_id, **chunk), self.start_timeout_s, f"logging {what}")
 
     def _log_params(self, flat: dict[str, str], existing: dict[str, str]) -> None:
         full, params = {}, []
@@ -377,52 +351,6 @@ class MLflowTracker:
         with open(path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         return path
-
-
-# ---------------------------------------------------------------------- queries and recovery
-def find_runs(tracking_uri: str | None, experiment: str, tags: Mapping[str, str]) -> list[RunInfo]:
-    """Runs of `experiment` whose tags equal `tags` (e.g. {'config_hash': h}), newest first."""
-    client = open_store(resolve_tracking_uri(tracking_uri))
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    quote = lambda v: f'"{v}"' if "'" in v else f"'{v}'"  # noqa: E731
-    query = " AND ".join(f"tags.`{k}` = {quote(str(v))}" for k, v in tags.items())
-    runs, token = [], None
-    while True:
-        page = client.search_runs([exp.experiment_id], query, max_results=1000,
-                                  order_by=["attributes.start_time DESC"], page_token=token)
-        runs += [RunInfo(r.info.run_id, r.info.status, dict(r.data.tags), r.info.start_time,
-                         r.info.end_time) for r in page]
-        if not (token := page.token):
-            return runs
-
-
-def get_run_status(run_id: str, tracking_uri: str | None = None) -> str:
-    """'RUNNING' | 'FINISHED' | 'FAILED' | 'KILLED' | 'SCHEDULED'."""
-    return open_store(resolve_tracking_uri(tracking_uri)).get_run(run_id).info.status
-
-
-def upload_unsent(path: str | os.PathLike, tracking_uri: str | None = None) -> int:
-    """Send an unsent_metrics_*.jsonl file (metrics, artifacts, final status); return the number
-    of metrics sent and rename the file to *.uploaded. Metrics that did arrive before are ignored
-    by the store (exact duplicates), so sending twice is harmless."""
-    client = open_store(resolve_tracking_uri(tracking_uri))
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    metrics: dict[str, list[Metric]] = collections.defaultdict(list)
-    for r in records:
-        if "key" in r:
-            metrics[r["run_id"]].append(Metric(r["key"], r["value"], r["timestamp"], r["step"]))
-        elif "artifact" in r:
-            client.log_artifact(r["run_id"], r["artifact"], r["artifact_path"])
-    for run_id, items in metrics.items():
-        for i in range(0, len(items), METRICS_PER_BATCH):
-            client.log_batch(run_id, metrics=items[i:i + METRICS_PER_BATCH])
-    for r in records:
-        if "status" in r:
-            client.set_terminated(r["run_id"], r["status"], r["end_time"])
-    os.replace(path, f"{path}.uploaded")
-    return sum(len(v) for v in metrics.values())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,3 +42,10 @@ def test_params_and_config_yaml_carry_no_password(make_cfg):
     assert resolved["tracking"]["uri"] == "http://alice:***@127.0.0.1:9"
     assert "s3cret" not in str(flatten_params(resolved)) and "s3cret" not in OmegaConf.to_yaml(resolved)
     assert cfg.tracking.uri == URI  # the run itself still connects with it
+
+
+def test_tracker_log_lines_never_show_a_password(caplog):
+    log = logging.getLogger("rpg.tracking")
+    with caplog.at_level(logging.WARNING, logger="rpg.tracking"):
+        log.warning("tracking store %s unreachable (%s)", URI, f"API request to {URI}/api failed")
+    assert "alice:***@127.0.0.1:9" in caplog.text and "s3cret" not in caplog.text

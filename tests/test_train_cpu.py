@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 from pathlib import Path
 
 import mlflow
@@ -71,7 +72,7 @@ def test_clipping_engages_off_policy(make_cfg, tmp_path):
     cfg = make_cfg("algo=rpg_rf_urkl", "ppo.epochs=4", "ppo.mini_batch_size=8", "optim.lr=5e-4", "steps=6",
                    "eval_every=0", tracking=True)
     run(cfg)
-    history = metric_histories(cfg.tracking.uri, (Path(cfg.out_dir) / "run_id.txt").read_text().strip())
+    history = run_history(cfg)
     frac = history["clip/frac_zero_grad"]
     assert len(frac) == 6 and sum(v > 0 for v in frac.values()) >= 3, frac
     assert max(history["is/weight_max"].values()) > 1.28
@@ -81,7 +82,7 @@ def test_lr_warmup_counts_rl_steps(make_cfg):
     cfg = make_cfg("ppo.mini_batch_size=8", "optim.lr=1e-3", "optim.warmup_steps=4", "steps=5", "eval_every=0",
                    tracking=True)
     run(cfg)
-    history = metric_histories(cfg.tracking.uri, (Path(cfg.out_dir) / "run_id.txt").read_text().strip())
+    history = run_history(cfg)
     lrs = [history["optim/lr"][s] for s in range(1, 6)]
     assert lrs == pytest.approx([1e-3 * f for f in (0.2, 0.4, 0.6, 0.8, 1.0)], rel=1e-9)
 
@@ -154,6 +155,11 @@ def metric_histories(uri: str, run_id: str) -> dict[str, dict[int, float]]:
     return out
 
 
+def run_history(cfg) -> dict[str, dict[int, float]]:
+    """Every metric's history of the MLflow run that ``run(cfg)`` made."""
+    return metric_histories(cfg.tracking.uri, (Path(cfg.out_dir) / "run_id.txt").read_text().strip())
+
+
 @pytest.mark.kernels
 def test_killed_run_resumes_to_the_same_result(make_cfg, tmp_path, fast_overrides):
     import os
@@ -220,9 +226,9 @@ def test_a_run_ends_by_saying_what_it_found_and_where(tmp_path, fast_overrides):
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_id = (tmp_path / "run" / "run_id.txt").read_text().strip()
-    final = __import__("json").loads((tmp_path / "run" / "final_metrics.json").read_text())
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     out = proc.stdout + proc.stderr
     assert "rpg_rf_urkl-tiny-toy-s1: finished 2 steps" in out
-    assert f"eval/toy/greedy_acc: " in out and f"-> {final['eval/toy/greedy_acc']:.3f}" in out
+    assert "eval/toy/greedy_acc: " in out and f"-> {final['eval/toy/greedy_acc']:.3f}" in out
     assert f"MLflow run {run_id} in sqlite:///{db}; browse with: mlflow ui --backend-store-uri sqlite:///{db}" in out
     assert f"outputs and checkpoints: {tmp_path / 'run'}" in out
