@@ -49,7 +49,24 @@ def build_policy(cfg):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP2-safe
     model.to(cfg.engine.device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    without_dropout(model)
     return model.train(), tokenizer, info
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn every dropout off, in every mode: old log-probs are scored in eval mode and the update runs in
+    train mode, so with dropout w = pi_theta/pi_old would differ from 1 at identical weights (verl also
+    sets dropout to 0).  Covers nn.Dropout modules, attention modules' ``attention_dropout`` and the config."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    for key in [k for k in vars(config) if "dropout" in k] if config is not None else []:
+        if isinstance(getattr(config, key), float):
+            setattr(config, key, 0.0)
+    return model
 
 
 @dataclass

@@ -14,6 +14,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 REF_UPDATES = ("every_step", "every_k", "kl_threshold", "never")
+#: losses whose KL term is algo.kl_estimator's (the others carry their divergence in the loss itself)
+ESTIMATOR_LOSSES = ("ppo_clip", "dapo", "reinforce_pp", "reinforce_pp_baseline")
 
 
 @dataclass
@@ -79,6 +81,9 @@ class DataConfig:
     max_response_len: int = 16
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
     toy_seed: int = 0  # toy task: seed of the problem split
+    # beta for this task: every algorithm with a KL term takes it as algo.kl_coef (conf/algo/); the KL's
+    # effect scales with the response length and reward scale, so a 5-token toy answer needs a larger one
+    kl_coef: float = 1e-4
     eval_sets: list[EvalSetConfig] = field(default_factory=list)
     eval_greedy: bool = True  # also log eval/<set>/greedy_acc
 
@@ -130,7 +135,7 @@ class PPOConfig:
 
     epochs: int = 1  # passes over each rollout batch
     mini_batch_size: int = 128  # responses per optimizer step
-    micro_batch_size: int = 128  # responses per forward/backward (gradient accumulation)
+    micro_batch_size: int = 128  # responses per forward/backward (gradient accumulation); >= mini: one forward
 
 
 @dataclass
@@ -197,6 +202,8 @@ RANGES = {
     "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
     "optim.warmup_steps": (lambda v: v >= 0, ">= 0 (RL steps)"),
     "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1), e.g. [0.9,0.999]"),
+    "algo.kl_coef": (lambda v: v >= 0, ">= 0 (beta; 0 turns the KL term off)"),
+    "data.kl_coef": (lambda v: v >= 0, ">= 0 (beta; 0 turns the KL term off)"),
     "rollout.temperature": (lambda v: v > 0, "> 0 (sampling at temperature 0 has no log-probability to train on)"),
     "rollout.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "ppo.epochs": (lambda v: v >= 1, ">= 1"),
@@ -247,10 +254,17 @@ def validate(cfg) -> None:
     if batch % u.mini_batch_size:
         raise ConfigError(f"ppo.mini_batch_size={u.mini_batch_size} must divide the batch "
                           f"rollout.prompts_per_step x rollout.samples_per_prompt = {batch}")
-    if u.mini_batch_size % u.micro_batch_size:
-        raise ConfigError(f"ppo.micro_batch_size={u.micro_batch_size} must divide ppo.mini_batch_size={u.mini_batch_size}")
+    if u.micro_batch_size < u.mini_batch_size and u.mini_batch_size % u.micro_batch_size:
+        raise ConfigError(f"ppo.micro_batch_size={u.micro_batch_size} must divide ppo.mini_batch_size={u.mini_batch_size} "
+                          "(or be at least as large: one forward per mini-batch)")
     if a.advantage in ("group_zscore", "group_mean", "rloo", "reinforce_pp_baseline") and r.samples_per_prompt < 2:
         raise ConfigError(f"algo.advantage={a.advantage} needs a group: set rollout.samples_per_prompt >= 2")
+    if a.dynamic_sampling and r.samples_per_prompt < 2:
+        raise ConfigError("algo.dynamic_sampling=true keeps groups of mixed accuracy, and a group of one response "
+                          "never is: set rollout.samples_per_prompt >= 2 or algo.dynamic_sampling=false")
+    if a.loss in ESTIMATOR_LOSSES and a.kl_coef > 0 and not a.kl_estimator:
+        raise ConfigError(f"algo.loss={a.loss} with algo.kl_coef={a.kl_coef} needs algo.kl_estimator (k1, k2 or "
+                          "k3) for its KL term; or set algo.kl_coef=0")
     if not 0.0 <= a.overlong_buffer_frac < 1.0:
         raise ConfigError(f"algo.overlong_buffer_frac={a.overlong_buffer_frac} must be in [0, 1)")
     if cfg.steps < 0 or cfg.eval_every < 0:

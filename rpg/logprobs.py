@@ -18,7 +18,7 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     input_ids, attention_mask: [B, P + R], prompts left-padded to P, responses right-padded to R.
     Logits are divided by ``temperature`` so the log-probs are those of the sampling distribution.
-    The vocabulary projection runs on ``chunk_tokens`` positions at a time (float32); with gradients on,
+    The vocabulary projection runs on ``chunk_tokens`` positions at a time (float32 or wider); with gradients on,
     each chunk runs under activation checkpointing, so at most one chunk's logits exist at a time in
     backward too (peak memory does not grow with response length x vocabulary).
     Returns logp [B, R] (with grad if enabled) and entropy [B, R] (detached) or None.
@@ -45,7 +45,7 @@ def _response_logprobs(model, input_ids, attention_mask, prompt_len, temperature
             logps.append(checkpoint(_chunk_logp, head, st, tgt, temperature, use_reentrant=False) if grad
                          else _chunk_logp(head, st, tgt, temperature))
             continue
-        logits = head(st).float() / temperature
+        logits = _at_least_float32(head(st)) / temperature
         logz = torch.logsumexp(logits, dim=-1)
         logps.append(logits.gather(-1, tgt[:, None]).squeeze(-1) - logz)
         with torch.no_grad():
@@ -57,8 +57,13 @@ def _response_logprobs(model, input_ids, attention_mask, prompt_len, temperature
 
 
 def _chunk_logp(head, states, targets, temperature):
-    logits = head(states).float() / temperature
+    logits = _at_least_float32(head(states)) / temperature
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits are normalised in float32; float64 stays float64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 class ResponseScorer(torch.nn.Module):

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rpg.config import ranks_per_node
+from rpg.mechanisms import inert_mechanisms
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -240,9 +241,10 @@ def estimate(cfg) -> dict:
     terms = memory_terms(arch, setup)
     totals = {phase: sum(t.values()) for phase, t in terms.items()}
     warnings += memory_warnings(cfg, arch, setup, terms, totals) if cuda else []
-    warnings += path_warnings(cfg)
+    warnings += path_warnings(cfg) + inert_mechanisms(cfg)
     per_rank = cfg.ppo.mini_batch_size / world
-    if fsdp and (per_rank % 1 or per_rank % cfg.ppo.micro_batch_size):
+    micro = cfg.ppo.micro_batch_size
+    if fsdp and (per_rank % 1 or (micro < per_rank and per_rank % micro)):
         warnings.append(f"ppo.mini_batch_size={cfg.ppo.mini_batch_size} does not split over {world} ranks into whole "
                         f"micro-batches of ppo.micro_batch_size={cfg.ppo.micro_batch_size} (the FSDP backend refuses "
                         "it): make ppo.micro_batch_size divide ppo.mini_batch_size / (engine.num_gpus x engine.nodes)")

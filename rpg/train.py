@@ -21,43 +21,20 @@ from rpg import checkpoint
 from rpg.backend import make_backend
 from rpg.backend.spawn import FINAL_METRICS, ranks_exist, spawn_ranks
 from rpg.build import build_data, build_optimizer, build_policy
-from rpg.config import ConfigError, loss_params, validate
-from rpg.core.advantages import ADVANTAGES
-from rpg.core.losses import POLICY_LOSSES
+from rpg.config import ConfigError, validate
 from rpg.evaluation import evaluate_policy
-from rpg.logprobs import response_logprobs
+from rpg.learner import Learner
+from rpg.mechanisms import inert_mechanisms
 from rpg.reference import Reference, needs_model
 from rpg.rewards import get_reward_fn
 from rpg.rollout import make_engine
-from rpg.rollout.mismatch import mismatch_metrics, tis_weights
 from rpg.rollout.sharded import ShardedEngine
 from rpg.rollouts import PromptSampler, collect
 from rpg.run_meta import Terminated, config_hash, git_state, raise_on_sigterm, resume_key, run_name
 from rpg.tracking import MLflowTracker, NullTracker
 from rpg.tracking_base import redact
-from rpg.update import RolloutBatch, policy_update
 
 log = logging.getLogger("rpg")
-
-
-@torch.no_grad()
-def score_logprobs(model, gens, cfg, backend, with_entropy=False):
-    """Log-probs (and entropy) of the sampled responses under ``model``: each rank scores its share of the
-    rows, micro-batch by micro-batch, and every rank gets all rows back."""
-    was_training = model.training
-    model.eval()
-    logps, ents = [], []
-    ids, attn, p = gens.input_ids, gens.attention_mask, gens.prompt_ids.shape[1]
-    rows, mb = backend.local_rows(torch.arange(ids.shape[0])), cfg.ppo.micro_batch_size
-    for s in range(0, len(rows), mb):
-        r = rows[s:s + mb]
-        lp, ent = response_logprobs(model, ids[r], attn[r], p, cfg.rollout.temperature, cfg.engine.logprob_chunk,
-                                    with_entropy)
-        logps.append(lp)
-        ents.append(ent)
-    model.train(was_training)
-    logp = backend.gather_rows(torch.cat(logps))
-    return logp, (backend.gather_rows(torch.cat(ents)) if with_entropy else None)
 
 
 def tracking_uri(cfg) -> str | None:
@@ -114,6 +91,8 @@ def run(cfg) -> dict[str, float]:
         out_dir.mkdir(parents=True, exist_ok=True)
         return spawn_ranks(cfg, out_dir, tracking_uri(cfg))
     backend = make_backend(cfg)
+    for note in inert_mechanisms(cfg) if backend.is_main else []:
+        log.warning("%s", note)
     out_dir = Path(backend.broadcast(str(Path(cfg.out_dir or Path.cwd()).resolve())))  # rank 0's directory
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
@@ -132,27 +111,24 @@ def run(cfg) -> dict[str, float]:
     module = backend.wrap(model)  # what the update trains and scores with
     optimizer, scheduler = build_optimizer(cfg, module)
     reference = Reference(ref_model, cfg.algo.ref_update, cfg.algo.ref_update_k, cfg.algo.ref_kl_threshold, cfg.algo.ref_kl_ema)
+    learner = Learner(module, optimizer, scheduler, reference, cfg, backend, torch.Generator().manual_seed(cfg.seed))
     sampler = PromptSampler(len(train_set), cfg.seed)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    loss_fn, advantage_fn = POLICY_LOSSES[cfg.algo.loss], ADVANTAGES[cfg.algo.advantage]
-    params, reward_fn = loss_params(cfg.algo), get_reward_fn(cfg.data.reward)
+    reward_fn = get_reward_fn(cfg.data.reward)
 
     def sync_engine():
         engine.sync_weights(backend.full_weights(module))
 
-    start_step, run_id, opt_steps = 0, None, 0
+    start_step, run_id = 0, None
     state = backend.load(ckpt_dir, module, optimizer, ref_model) if cfg.resume == "auto" else None
     if state is not None:
         if state.get("resume_key", resume_key(cfg)) != resume_key(cfg):
             raise ConfigError(f"{ckpt_dir} holds checkpoints of a different configuration (only steps, eval_every "
                               "and save_every may change on resume): set out_dir to a new directory, or delete "
                               f"{ckpt_dir} to start this configuration over there")
-        scheduler.load_state_dict(state["scheduler"])
-        reference.load_state_dict(state["reference"])
+        learner.load_state_dict(state)
         sampler.load_state_dict(state["sampler"])
-        shuffle.set_state(state["shuffle"])
         checkpoint.set_rng_state(state["rng"])
-        start_step, run_id, opt_steps = state["step"], state["run_id"], state["optimizer_steps"]
+        start_step, run_id = state["step"], state["run_id"]
         sync_engine()
         log.info("resuming from %s at step %d", ckpt_dir, start_step)
     elif cfg.resume == "auto" and (out_dir / "run_id.txt").is_file():
@@ -193,41 +169,17 @@ def run(cfg) -> dict[str, float]:
             batch = collect(engine, tokenizer, train_set, sampler, cfg, reward_fn)  # the same batch on every rank
             engine.sleep()  # vLLM on CUDA with engine.vllm_sleep: free its memory until the next sync
             t_rollout = time.perf_counter() - t0
-            gens = batch.gens
-            mask = gens.response_mask.float()
-            old_logp, entropy = score_logprobs(module, gens, cfg, backend, with_entropy=True)
-            ref_logp = reference.logprobs(lambda m: score_logprobs(m, gens, cfg, backend)[0], old_logp)
-            advantages = advantage_fn(batch.scores, batch.group_ids, mask)
-            tis = None
-            if cfg.rollout.tis_cap and gens.sampler_logp is not None:
-                tis = tis_weights(old_logp, gens.sampler_logp, mask, cfg.rollout.tis_cap)
-            rb = RolloutBatch(gens.input_ids, gens.attention_mask, gens.response_mask, old_logp, ref_logp,
-                              advantages, gens.prompt_ids.shape[1], tis)
             t1 = time.perf_counter()
-            metrics = policy_update(module, optimizer, rb, loss_fn, params, epochs=cfg.ppo.epochs,
-                                    mini_batch_size=cfg.ppo.mini_batch_size, micro_batch_size=cfg.ppo.micro_batch_size,
-                                    grad_clip=cfg.optim.grad_clip, temperature=cfg.rollout.temperature,
-                                    chunk_tokens=cfg.engine.logprob_chunk, generator=shuffle, backend=backend)
-            scheduler.step()  # once per RL step: optim.warmup_steps counts RL steps, as the paper's
-            opt_steps += int(metrics.pop("optim/steps"))
-            refreshed = reference.after_update(module, opt_steps, metrics.get("kl/k3", 0.0))
+            metrics = learner.step(batch)
             t_sync = time.perf_counter()
             sync_engine()
             t_end = time.perf_counter()
-            lengths = mask.sum(-1)
+            gens, lengths = batch.gens, batch.gens.response_mask.sum(-1).float()
             metrics.update(batch.stats)
-            if gens.sampler_logp is not None:  # vLLM: how far the sampler is from the trainer
-                metrics.update(mismatch_metrics(gens.sampler_logp, old_logp, mask))
-            if tis is not None:
-                metrics.update({"rollout/tis_weight_mean": (tis * mask).sum().item() / mask.sum().item(),
-                                "rollout/tis_frac_capped": ((tis >= cfg.rollout.tis_cap) * mask).sum().item() / mask.sum().item()})
             metrics.update({
                 "train/score_mean": batch.scores.mean().item(), "train/acc": batch.acc.mean().item(),
                 "train/response_length_mean": lengths.mean().item(), "train/response_length_max": lengths.max().item(),
                 "train/frac_truncated": gens.truncated.float().mean().item(),
-                "train/entropy": (entropy * mask).sum().item() / mask.sum().item(),
-                "train/advantage_abs_mean": advantages.abs().mean().item(),
-                "ref/refreshed": float(refreshed), "ref/kl_avg": reference.kl_avg,
                 "perf/step_time_s": t_end - t0, "perf/rollout_s": t_rollout, "perf/update_s": t_sync - t1,
                 "perf/sync_s": t_end - t_sync,
                 "perf/tokens_per_s": float(gens.attention_mask.sum()) / (t_end - t0),
@@ -240,10 +192,8 @@ def run(cfg) -> dict[str, float]:
             bar.set_postfix(acc=f"{metrics['train/acc']:.2f}", kl=f"{metrics.get('kl/k3', 0):.1e}")
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 backend.save(ckpt_dir, done, {
-                    "scheduler": scheduler.state_dict(), "reference": reference.state_dict(),
-                    "sampler": sampler.state_dict(), "shuffle": shuffle.get_state(), "rng": checkpoint.rng_state(),
-                    "step": done, "run_id": run_id, "optimizer_steps": opt_steps, "resume_key": resume_key(cfg)},
-                    module, optimizer, ref_model)
+                    **learner.state_dict(), "sampler": sampler.state_dict(), "rng": checkpoint.rng_state(),
+                    "step": done, "run_id": run_id, "resume_key": resume_key(cfg)}, module, optimizer, ref_model)
     except (KeyboardInterrupt, Terminated, SystemExit):
         tracker.end("KILLED")
         raise

@@ -154,8 +154,10 @@ def test_paper_setting_fits_and_a_too_large_micro_batch_warns():
     assert any("model.gradient_checkpointing=true" in w for w in no_ckpt["warnings"])
     greedy_vllm = plan.estimate(cfg_of(*GPU, "model=qwen2_5_7b_instruct", "engine.vllm_gpu_memory_utilization=0.95"))
     assert any("lower engine.vllm_gpu_memory_utilization" in w for w in greedy_vllm["warnings"])
-    split = plan.estimate(cfg_of(*GPU, "model=qwen3_4b", "context=2k", "ppo.micro_batch_size=128"))
-    assert any("does not split over 8 ranks" in w for w in split["warnings"])
+    split = plan.estimate(cfg_of(*GPU, "model=qwen3_4b", "context=2k", "ppo.micro_batch_size=48"))
+    assert any("does not split over 8 ranks" in w for w in split["warnings"])  # 512 / 8 = 64 rows per rank
+    whole = plan.estimate(cfg_of(*GPU, "model=qwen3_4b", "context=2k", "ppo.micro_batch_size=128"))
+    assert not any("does not split" in w for w in whole["warnings"])  # >= 64: one forward per rank
     assert not any("does not split" in w for w in est["warnings"])
     short = plan.estimate(cfg_of(*GPU, "model=qwen2_5_math_7b", "context=4k"))
     assert any("exceeds the model's 4096 positions" in w for w in short["warnings"])

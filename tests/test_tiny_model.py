@@ -99,3 +99,21 @@ def test_char_encode_matches_the_tokenizer(tok):
 
     texts = ["47+85=?\n", "12,13\nAnswer: 132", "a\té b", ""]
     assert char_encode(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+
+
+def test_policy_is_built_without_dropout(make_cfg, tmp_path, tok):
+    # a checkpoint trained with dropout: scored in eval mode (old log-probs) and trained in train mode, it
+    # would give w != 1 at identical weights; build_policy turns dropout off in every mode
+    from rpg.build import build_policy
+
+    model = build_tiny_model(seed=0, tokenizer=tok)
+    model.config.attention_dropout = 0.5
+    save_tiny(model, tok, tmp_path / "ckpt")
+    policy, _, _ = build_policy(make_cfg("model.kind=pretrained", f"model.path={tmp_path / 'ckpt'}"))
+    assert policy.training and policy.config.attention_dropout == 0.0
+    ids = torch.tensor([tok("Answer: 12")["input_ids"]] * 4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        train_logits = policy(ids).logits
+        eval_logits = policy.eval()(ids).logits
+    torch.testing.assert_close(train_logits, eval_logits, atol=0.0, rtol=0.0)

@@ -86,11 +86,12 @@ class FSDPBackend:
                               f"engine.nodes={e.nodes}; start one process per GPU, or fix engine.ranks_per_node "
                               "/ engine.num_gpus / engine.nodes")
         u = cfg.ppo
-        if u.mini_batch_size % self.world_size or (u.mini_batch_size // self.world_size) % u.micro_batch_size:
+        per_rank = u.mini_batch_size // self.world_size
+        if u.mini_batch_size % self.world_size or (u.micro_batch_size < per_rank and per_rank % u.micro_batch_size):
             raise ConfigError(f"ppo.mini_batch_size={u.mini_batch_size} must split over {self.world_size} ranks into "
                              f"whole micro-batches of ppo.micro_batch_size={u.micro_batch_size} (responses per "
                              f"rank per forward): set ppo.micro_batch_size to a divisor of "
-                             f"{u.mini_batch_size // self.world_size}")
+                             f"{per_rank} (or at least {per_rank}: one forward per rank)")
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         compute, params = DTYPES[e.dtype], DTYPES[e.param_dtype]
         self.mp = (MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute != params

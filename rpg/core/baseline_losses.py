@@ -24,7 +24,7 @@ from rpg.core.samples import build_samples, zero_padding
 from rpg.core.types import BatchTotals, LossOutput, LossParams
 
 
-def _ppo_with_penalty(penalty: torch.Tensor | None, s, logp, ref_logp, mask, params, totals,
+def _ppo_with_penalty(penalty: torch.Tensor | None, s, logp, old_logp, ref_logp, mask, params, totals,
                       token_weights) -> LossOutput:
     pg, branches = clipped_pg_term(s.w, s.adv, params)
     pg_loss = aggregate(pg, mask, params.agg, totals, token_weights)
@@ -33,8 +33,8 @@ def _ppo_with_penalty(penalty: torch.Tensor | None, s, logp, ref_logp, mask, par
         kl_loss = aggregate(penalty, mask, params.agg, totals, token_weights)
         loss = loss + params.kl_coef * kl_loss
         metrics["loss/kl"] = kl_loss.detach()
-    metrics.update(clip_metrics(branches, s.valid))
-    metrics.update(sample_metrics(s, logp, ref_logp, mask))
+    metrics.update(clip_metrics(branches, s.valid, s.adv))
+    metrics.update(sample_metrics(s, logp, old_logp, ref_logp, mask))
     return LossOutput(loss, metrics)
 
 
@@ -42,23 +42,23 @@ def _token_samples(logp, old_logp, ref_logp, advantages, mask, params: LossParam
     if params.level != "token":
         raise ValueError(f"{name} is a token-level loss; set level=token (got level={params.level!r})")
     s = build_samples(logp, old_logp, ref_logp, advantages, mask, params)
-    return s, *zero_padding(mask, logp, ref_logp.detach())
+    return s, *zero_padding(mask, logp, old_logp.detach(), ref_logp.detach())
 
 
 @POLICY_LOSSES.register("grpo")
 def grpo(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None,
          token_weights=None) -> LossOutput:
     """GRPO: per token  max(-w A, -clip(w) A) + beta * k3(pi_ref/pi_theta)  (Shao et al. 2024; paper Section 2.2)."""
-    s, logp, ref_logp = _token_samples(logp, old_logp, ref_logp, advantages, mask, params, "grpo")
-    return _ppo_with_penalty(k3(logp, ref_logp), s, logp, ref_logp, mask, params, totals, token_weights)
+    s, logp, old_logp, ref_logp = _token_samples(logp, old_logp, ref_logp, advantages, mask, params, "grpo")
+    return _ppo_with_penalty(k3(logp, ref_logp), s, logp, old_logp, ref_logp, mask, params, totals, token_weights)
 
 
 @POLICY_LOSSES.register("grpo_is")
 def grpo_is(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None,
             token_weights=None) -> LossOutput:
     """GRPO with the importance-weighted KL: per token  max(-w A, -clip(w) A) + beta * w * k3(pi_ref/pi_theta)."""
-    s, logp, ref_logp = _token_samples(logp, old_logp, ref_logp, advantages, mask, params, "grpo_is")
-    return _ppo_with_penalty(s.w * k3(logp, ref_logp), s, logp, ref_logp, mask, params, totals, token_weights)
+    s, logp, old_logp, ref_logp = _token_samples(logp, old_logp, ref_logp, advantages, mask, params, "grpo_is")
+    return _ppo_with_penalty(s.w * k3(logp, ref_logp), s, logp, old_logp, ref_logp, mask, params, totals, token_weights)
 
 
 @POLICY_LOSSES.register("ppo_clip", "dapo", "reinforce_pp", "reinforce_pp_baseline")
@@ -69,10 +69,10 @@ def ppo_clip(logp, old_logp, ref_logp, advantages, mask, params: LossParams, tot
     Used by dapo (no KL, clip-higher (0.2, 0.28), token-mean) and reinforce_pp / reinforce_pp_baseline
     (k1 in the loss with beta = 1e-4 against ref = old).  k_X from params.kl_estimator (None = no KL term).
     """
-    s, logp, ref_logp = _token_samples(logp, old_logp, ref_logp, advantages, mask, params, "ppo_clip")
+    s, logp, old_logp, ref_logp = _token_samples(logp, old_logp, ref_logp, advantages, mask, params, "ppo_clip")
     if params.kl_coef > 0 and params.kl_estimator is None:
         raise ValueError("ppo_clip with kl_coef > 0 needs kl_estimator (k1, k2 or k3); or set kl_coef=0")
     penalty = None
     if params.kl_estimator is not None and params.kl_coef > 0:
         penalty = KL_ESTIMATORS[params.kl_estimator](logp, ref_logp)
-    return _ppo_with_penalty(penalty, s, logp, ref_logp, mask, params, totals, token_weights)
+    return _ppo_with_penalty(penalty, s, logp, old_logp, ref_logp, mask, params, totals, token_weights)

@@ -58,8 +58,11 @@ def clipped_pg_term(w: torch.Tensor, adv: torch.Tensor, params: LossParams) -> t
     return term, branches
 
 
-def clip_metrics(branches: ClipBranches, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-    f = lambda b: masked_mean(b.to(valid.dtype), valid).detach()
+def clip_metrics(branches: ClipBranches, valid: torch.Tensor, signal: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Shares of valid samples in each branch.  A sample whose learning signal (A, or psi for RPG-Style
+    Clip) is 0 has no gradient on either side of a bound, so it never counts as clipped (as verl's
+    clipfrac, which counts where the clipped loss differs from the unclipped one)."""
+    f = lambda b: masked_mean((b & (signal != 0)).to(valid.dtype), valid).detach()
     return {
         "clip/frac_high": f(branches.high),
         "clip/frac_low": f(branches.low),

@@ -40,8 +40,8 @@ def fully_differentiable_loss(kl: str, logp, old_logp, ref_logp, advantages, mas
     pg_loss = aggregate(pg, mask, params.agg, totals, token_weights)
     kl_loss = aggregate(kl_term, mask, params.agg, totals, token_weights)
     loss = pg_loss + params.kl_coef * kl_loss
-    metrics = {"loss/pg": pg_loss.detach(), "loss/kl": kl_loss.detach(), **clip_metrics(branches, s.valid),
-               **sample_metrics(s, logp, ref_logp, mask)}
+    metrics = {"loss/pg": pg_loss.detach(), "loss/kl": kl_loss.detach(), **clip_metrics(branches, s.valid, s.adv),
+               **sample_metrics(s, logp, old_logp, ref_logp, mask)}
     return LossOutput(loss, metrics)
 
 
@@ -55,6 +55,8 @@ def reinforce_loss(kl: str, logp, old_logp, ref_logp, advantages, mask, params: 
     or when psi < 0 and 1 - eps_low < w < c; otherwise it is frozen (no gradient) at its value at the
     boundary, (A + SG(C)/bound) * SG(l) * bound with bound = 1 + eps_high, 1 - eps_low or c (Algorithm 2).
     Unclipped this has exactly the per-sample gradient of ``fully_differentiable_loss`` (Proposition 4.1).
+    The branch follows the sign of psi (Algorithm 2), which is that of A_reg wherever -log pi > 0; where
+    pi(x) = 1 the gradient of log pi is 0 on either branch.
     """
     s = build_samples(logp, old_logp, ref_logp, advantages, mask, params)
     w, d, rho = s.w.detach(), s.d.detach(), s.rho
@@ -69,7 +71,7 @@ def reinforce_loss(kl: str, logp, old_logp, ref_logp, advantages, mask, params: 
         per_sample = torch.where(branches.active, per_sample, frozen)
     loss = aggregate(per_sample, mask, params.agg, totals, token_weights)
     metrics = {"loss/pg": loss.detach(), "adv/reg_mean": masked_mean(weight / w, s.valid).detach(),
-               **clip_metrics(branches, s.valid), **sample_metrics(s, logp, ref_logp, mask)}
+               **clip_metrics(branches, s.valid, psi), **sample_metrics(s, logp, old_logp, ref_logp, mask)}
     return LossOutput(loss, metrics)
 
 

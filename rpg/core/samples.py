@@ -18,7 +18,8 @@ class Samples:
     Shapes are [N, T] at level="token" and [N] at level="sequence".
     logpi: log pi_theta(x) (grad).  log_w, w: log and value of pi_theta/pi_old (grad).
     d: log pi_theta/pi_ref (grad).  rho: pi_ref/pi_old (no grad).  adv: advantage per sample.
-    valid: 1 for real samples.  clamped: 1 where |log_w| hit ``max_log_ratio`` (no grad there).
+    valid: 1 for real samples.  clamped: 1 where |log_w| hit ``max_log_ratio`` (no grad there);
+    rho_clamped: 1 where |log rho| did.
     """
 
     logpi: torch.Tensor
@@ -29,6 +30,7 @@ class Samples:
     adv: torch.Tensor
     valid: torch.Tensor
     clamped: torch.Tensor
+    rho_clamped: torch.Tensor
 
 
 def at_least_float32(loss_fn):
@@ -86,6 +88,7 @@ def build_samples(logp, old_logp, ref_logp, advantages, mask, params: LossParams
         valid = (mask.sum(-1) > 0).to(logp.dtype)
     bound = params.max_log_ratio
     clamped = (log_w.detach().abs() > bound).to(logp.dtype)
+    rho_clamped = (log_rho.abs() > bound).to(logp.dtype)
     w = torch.exp(log_w.clamp(-bound, bound))
     rho = torch.exp(log_rho.clamp(-bound, bound))
-    return Samples(logpi, log_w, w, d, rho, adv, valid, clamped)
+    return Samples(logpi, log_w, w, d, rho, adv, valid, clamped, rho_clamped)

@@ -1,0 +1,90 @@
+"""One RL step on a scored batch, as the paper's update: old/ref log-probs -> advantages -> optimizer steps
+-> learning-rate schedule -> reference schedule.  Sampling and logging stay with the caller (rpg.train).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rpg.config import loss_params
+from rpg.core.advantages import ADVANTAGES
+from rpg.core.losses import POLICY_LOSSES
+from rpg.logprobs import response_logprobs
+from rpg.rollout.mismatch import mismatch_metrics, tis_weights
+from rpg.update import RolloutBatch, policy_update
+
+
+@torch.no_grad()
+def score_logprobs(model, gens, cfg, backend, with_entropy=False):
+    """Log-probs (and entropy) of the sampled responses under ``model``: each rank scores its share of the
+    rows, micro-batch by micro-batch, and every rank gets all rows back."""
+    was_training = model.training
+    model.eval()
+    logps, ents = [], []
+    ids, attn, p = gens.input_ids, gens.attention_mask, gens.prompt_ids.shape[1]
+    rows, mb = backend.local_rows(torch.arange(ids.shape[0])), cfg.ppo.micro_batch_size
+    for s in range(0, len(rows), mb):
+        r = rows[s:s + mb]
+        lp, ent = response_logprobs(model, ids[r], attn[r], p, cfg.rollout.temperature, cfg.engine.logprob_chunk,
+                                    with_entropy)
+        logps.append(lp)
+        ents.append(ent)
+    model.train(was_training)
+    logp = backend.gather_rows(torch.cat(logps))
+    return logp, (backend.gather_rows(torch.cat(ents)) if with_entropy else None)
+
+
+class Learner:
+    """The policy's side of the loop: ``step(batch)`` runs one RL step and returns its metrics.
+
+    ``module`` is what the update trains and scores with (the backend's wrapped policy); ``shuffle`` orders
+    the mini-batches (the same generator on every rank); ``optimizer_steps`` counts steps over the run.
+    """
+
+    def __init__(self, module, optimizer, scheduler, reference, cfg, backend, shuffle: torch.Generator):
+        self.module, self.optimizer, self.scheduler, self.reference = module, optimizer, scheduler, reference
+        self.cfg, self.backend, self.shuffle = cfg, backend, shuffle
+        self.loss_fn, self.advantage_fn = POLICY_LOSSES[cfg.algo.loss], ADVANTAGES[cfg.algo.advantage]
+        self.params = loss_params(cfg.algo)
+        self.optimizer_steps = 0
+
+    def step(self, batch) -> dict[str, float]:
+        cfg, gens = self.cfg, batch.gens
+        mask = gens.response_mask.float()
+        old_logp, entropy = score_logprobs(self.module, gens, cfg, self.backend, with_entropy=True)
+        ref_logp = self.reference.logprobs(lambda m: score_logprobs(m, gens, cfg, self.backend)[0], old_logp)
+        advantages = self.advantage_fn(batch.scores, batch.group_ids, mask)
+        tis = None
+        if cfg.rollout.tis_cap and gens.sampler_logp is not None:
+            tis = tis_weights(old_logp, gens.sampler_logp, mask, cfg.rollout.tis_cap)
+        rb = RolloutBatch(gens.input_ids, gens.attention_mask, gens.response_mask, old_logp, ref_logp,
+                          advantages, gens.prompt_ids.shape[1], tis)
+        u = cfg.ppo
+        metrics = policy_update(self.module, self.optimizer, rb, self.loss_fn, self.params, epochs=u.epochs,
+                                mini_batch_size=u.mini_batch_size, micro_batch_size=u.micro_batch_size,
+                                grad_clip=cfg.optim.grad_clip, temperature=cfg.rollout.temperature,
+                                chunk_tokens=cfg.engine.logprob_chunk, generator=self.shuffle, backend=self.backend)
+        self.scheduler.step()  # once per RL step: optim.warmup_steps counts RL steps, as the paper's
+        self.optimizer_steps += int(metrics.pop("optim/steps"))
+        refreshed = self.reference.after_update(self.module, self.optimizer_steps, metrics.get("kl/k3", 0.0))
+        tokens = mask.sum().item()
+        metrics.update({"train/entropy": (entropy * mask).sum().item() / tokens,
+                        "train/advantage_abs_mean": advantages.abs().mean().item(),
+                        "ref/refreshed": float(refreshed), "ref/kl_avg": self.reference.kl_avg})
+        if gens.sampler_logp is not None:  # vLLM: how far the sampler is from the trainer
+            metrics.update(mismatch_metrics(gens.sampler_logp, old_logp, mask))
+        if tis is not None:
+            metrics.update({"rollout/tis_weight_mean": (tis * mask).sum().item() / tokens,
+                            "rollout/tis_frac_capped": ((tis >= cfg.rollout.tis_cap) * mask).sum().item() / tokens})
+        return metrics
+
+    def state_dict(self) -> dict:
+        """The schedule state a resume needs (the weights, optimizer and reference model: rpg.backend)."""
+        return {"scheduler": self.scheduler.state_dict(), "reference": self.reference.state_dict(),
+                "shuffle": self.shuffle.get_state(), "optimizer_steps": self.optimizer_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.reference.load_state_dict(state["reference"])
+        self.shuffle.set_state(state["shuffle"])
+        self.optimizer_steps = state["optimizer_steps"]
