@@ -57,6 +57,23 @@ def accuracies(store: Path) -> dict[str, tuple[float, float, int]]:
     return out
 
 
+def print_per_algorithm(results: dict, sets: list[str], names: dict) -> None:
+    """Mean and range over seeds of the last accuracy, per algorithm and kernel set."""
+    algos = sorted({run.split(" seed=")[0] for r in results.values() for run in r})
+    print("\nper algorithm, over seeds: mean (min - max) of the last evaluation; gain = mean - step 0\n")
+    print(f"| algo | n | {' | '.join(f'{s} ({names[s]})' for s in sets)} |\n|---|---|{'---|' * len(sets)}")
+    for algo in algos:
+        cells, n = [], 0
+        for s in sets:
+            runs = [v for k, v in results[s].items() if k.split(" seed=")[0] == algo]
+            n = max(n, len(runs))
+            last = [v[1] for v in runs]
+            gain = 100 * (sum(last) / len(last) - sum(v[0] for v in runs) / len(runs)) if runs else 0.0
+            cells.append(f"{sum(last) / len(last):.3f} ({min(last):.3f} - {max(last):.3f}), {gain:+.1f} pts"
+                         if runs else "missing")
+        print(f"| {algo} | {n} | {' | '.join(cells)} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default="avx2,native",
@@ -84,6 +101,7 @@ def main() -> int:
         text = [f"{c[0]:.3f} -> {c[1]:.3f} (step {c[2]})" if c else "missing" for c in cells]
         lasts = [c[1] for c in cells if c]
         print(f"| {run} | {' | '.join(text)} | {max(lasts) - min(lasts):.3f} |")
+    print_per_algorithm(results, sets, names)
     print(f"\nstores: {', '.join(str(args.out / f'{s}.db') for s in sets)}")
     return 0
 

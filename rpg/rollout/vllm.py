@@ -161,10 +161,14 @@ class VLLMEngine:
             raise RuntimeError("the vLLM engine is asleep: call wake_up() (or sync_weights) before generate")
         tok = self.tokenizer
         n = 1 if sampling.temperature == 0 else sampling.n  # vLLM wants n = 1 for greedy: repeat prompts
-        params = VSamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                 max_tokens=sampling.max_new_tokens, logprobs=0, detokenize=False,
-                                 stop_token_ids=[tok.eos_token_id])
         requests = [{"prompt_token_ids": list(p)} for p in prompt_token_ids for _ in range(sampling.n // n)]
+        # one seed per request, drawn from torch's stream, which checkpoints save and restore: a resumed
+        # run samples what the uninterrupted one would have, whatever the engine did before
+        base = int(torch.randint(0, _SEED_RANGE, (1,)).item())
+        params = [VSamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                  max_tokens=sampling.max_new_tokens, logprobs=0, detokenize=False,
+                                  stop_token_ids=[tok.eos_token_id], seed=(base + i) % _SEED_RANGE)
+                  for i in range(len(requests))]
         outs = self.llm.generate(requests, params, use_tqdm=False)
         rows, logps = [], []
         for out in outs:  # same order as the prompts
@@ -255,6 +259,9 @@ class VLLMEngine:
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
+
+
+_SEED_RANGE = 2**31 - 1
 
 
 def _this_gpu() -> str | None:

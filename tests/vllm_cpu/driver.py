@@ -47,6 +47,10 @@ def main(spec_path: str, out_path: str) -> None:
         out["gen_a"] = as_dict(engine.generate(prompts, sample))
         timing["generate_a_s"] = time.perf_counter() - t0
         out["greedy_a"] = as_dict(engine.generate(prompts, greedy))
+        for name, seed, rows in (("seeded_1", 7, prompts), ("seeded_2", 7, prompts[:2]), ("seeded_3", 8, prompts)):
+            engine.generate(long, sample)  # whatever the engine sampled before must not matter
+            torch.manual_seed(seed)  # torch's stream seeds each request
+            out[name] = as_dict(engine.generate(rows, sample))
         out["long_a"] = as_dict(engine.generate(long, sample))  # fills the prefix cache with A's KV
         timing["pushed_tensors"] = engine.push_weights(model_c)  # C's weights, but no prefix-cache reset
         out["long_stale"] = as_dict(engine.generate(long, sample))

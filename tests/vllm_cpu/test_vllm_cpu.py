@@ -114,6 +114,17 @@ def test_generate_shapes_ordering_and_eos(run):
     assert len(g["texts"]) == rows and len(set(g["texts"])) > 1  # n distinct samples, not one repeated
 
 
+def test_sampling_follows_torchs_random_stream(run):
+    # Each request's seed comes from torch's (checkpointed) generator and its row: what a request samples
+    # depends on neither the engine's history nor the other requests in the batch (with one shared
+    # stream, the first two prompts sampled alone would draw other tokens), so a resumed run -- or an
+    # engine in another process -- samples what the uninterrupted run did.
+    out, *_ = run
+    first_two = 2 * SPEC["n"]
+    assert out["seeded_1"]["texts"][:first_two] == out["seeded_2"]["texts"]
+    assert out["seeded_1"]["texts"] != out["seeded_3"]["texts"]
+
+
 def test_sampler_logp_matches_hf_at_temperature(run):
     out, _, model_a, *_ = run
     g = out["gen_a"]
