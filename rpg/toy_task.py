@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Collection
 
+DIGITS, N_TEST = 2, 500  # the toy data's split: operand digits and held-out problems
+
 DATA_SOURCE = "toy"
 ABILITY = "arithmetic"
 SPLITS = ("train", "test")
@@ -90,7 +92,7 @@ def _operand_range(digits: int) -> range:
     return range(0 if digits == 1 else 10 ** (digits - 1), 10**digits)
 
 
-def split_pairs(seed: int = 0, digits: int = 2, n_test: int = 500) -> dict[str, list[tuple[int, int]]]:
+def split_pairs(seed: int = 0, digits: int = DIGITS, n_test: int = N_TEST) -> dict[str, list[tuple[int, int]]]:
     """Ordered operand pairs ``(a, b)`` of each split, in a seeded order.
 
     Unordered pairs are shuffled; the first ones (both orders) fill ``test`` up to ``n_test``
@@ -121,20 +123,20 @@ def _pairs(split: str, seed: int, digits: int, n_test: int) -> list[tuple[int, i
     return split_pairs(seed, digits, n_test)[split]
 
 
-def toy_problems(split: str, seed: int = 0, digits: int = 2, n_test: int = 500) -> list[Problem]:
+def toy_problems(split: str, seed: int = 0, digits: int = DIGITS, n_test: int = N_TEST) -> list[Problem]:
     """``[(prompt_text, ground_truth), ...]`` for ``split`` in ``("train", "test")``."""
     return [(format_prompt(a, b), str(a + b)) for a, b in _pairs(split, seed, digits, n_test)]
 
 
 def toy_sft_pairs(
-    split: str, seed: int = 0, digits: int = 2, n_test: int = 500
+    split: str, seed: int = 0, digits: int = DIGITS, n_test: int = N_TEST
 ) -> list[tuple[str, str]]:
     """``[(prompt_text, correct_response), ...]`` for supervised training."""
     pairs = _pairs(split, seed, digits, n_test)
     return [(format_prompt(a, b), format_response(a, b)) for a, b in pairs]
 
 
-def toy_records(split: str, seed: int = 0, digits: int = 2, n_test: int = 500) -> list[dict]:
+def toy_records(split: str, seed: int = 0, digits: int = DIGITS, n_test: int = N_TEST) -> list[dict]:
     """Rows in verl's RL parquet schema (as the real math data uses)."""
     rows = []
     for i, (prompt, truth) in enumerate(toy_problems(split, seed, digits, n_test)):
@@ -151,7 +153,7 @@ def toy_records(split: str, seed: int = 0, digits: int = 2, n_test: int = 500) -
 
 
 def write_parquet(
-    path: str | Path, split: str, seed: int = 0, digits: int = 2, n_test: int = 500
+    path: str | Path, split: str, seed: int = 0, digits: int = DIGITS, n_test: int = N_TEST
 ) -> Path:
     """Write ``split`` as a verl-schema parquet file at ``path`` (atomic replace); return the path."""
     import pandas as pd

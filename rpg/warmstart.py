@@ -46,6 +46,8 @@ from tqdm.auto import tqdm
 
 from rpg.models.tiny import build_char_tokenizer, build_tiny_model, char_encode, save_tiny
 from rpg.toy_task import (
+    DIGITS,
+    N_TEST,
     MAX_RESPONSE_TOKENS,
     Problem,
     careless_response,
@@ -95,9 +97,9 @@ class WarmStartConfig:
     intermediate: int = 256
     max_positions: int = 128
     # task (the held-out split is never trained on nor used for stopping)
-    digits: int = 2
+    digits: int = DIGITS
     split_seed: int = 0
-    n_test: int = 500
+    n_test: int = N_TEST
     # greedy accuracy on this many held-out problems after training, for the record (0 skips it)
     eval_problems: int = 500
     cache_dir: str = ".cache/rpg/warmstart"

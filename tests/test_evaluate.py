@@ -51,8 +51,13 @@ def test_bootstrap_reads_lower_than_unbiased():
     assert value == pytest.approx(0.68359375, abs=0.015)
     assert value < pass_at_k(8, 2, 4) - 0.05  # unbiased: 0.7857
     assert pass_at_k_bootstrap(correct, 4, 500, rng=3) == pass_at_k_bootstrap(correct, 4, 500, rng=3)
+    # a Generator is used as given (its stream advances), a seed starts a fresh one
     gen = np.random.default_rng(1)
-    assert 0.0 <= pass_at_k_bootstrap(correct, 4, 10, gen) <= 1.0
+    first, second = pass_at_k_bootstrap(correct, 4, 10, gen), pass_at_k_bootstrap(correct, 4, 10, gen)
+    assert first == pass_at_k_bootstrap(correct, 4, 10, 1)
+    fresh = np.random.default_rng(1)
+    fresh.integers(0, 8, size=(10, 4))
+    assert second == pass_at_k_bootstrap(correct, 4, 10, fresh)
 
 
 def test_bootstrap_edge_cases():

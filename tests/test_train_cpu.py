@@ -150,7 +150,10 @@ def test_non_finite_loss_stops_the_run_and_marks_it_failed(make_cfg, tmp_path):
     ("algo.kl_coef=-0.1", r"algo.kl_coef=-0.1 is out of range: it must be >= 0"),
     ("ppo.micro_batch_size=3", r"ppo.micro_batch_size=3 must divide ppo.mini_batch_size=16"),
     ("algo=dapo algo.kl_coef=0.1", r"algo.loss=dapo with algo.kl_coef=0.1 needs algo.kl_estimator"),
-    ("algo=dapo rollout.samples_per_prompt=1", r"algo.dynamic_sampling=true .* set rollout.samples_per_prompt >= 2"),
+    ("data.toy_seed=3", r"model.warm_start.split_seed=0 splits the toy problems differently .* set "
+                        r"model.warm_start.split_seed=3 \(or data.toy_seed=0\)"),
+    ("+model.warm_start.n_test=100", r"model.warm_start.n_test=100 splits .* keep model.warm_start.n_test=500"),
+    ("algo=reinforce_pp rollout.samples_per_prompt=1 ppo.mini_batch_size=4", r"algo.dynamic_sampling=true .* set rollout.samples_per_prompt >= 2"),
 ])
 def test_inconsistent_config_fails_before_work(make_cfg, override, message, tmp_path):
     cfg = make_cfg(*override.split(), tracking=True)
