@@ -1,7 +1,7 @@
 """The paper's tables from a loaded sweep: Last/Best per method and benchmark over seeds, paired
 differences against a baseline, and the runs that were left out.
 
-Definitions (paper, Tables 3 and 5-8; ALGORITHMS.md section 8), for the metric eval/<bench>/<stat>@<k>:
+Definitions (paper, Tables 3 and 5-8; docs/algorithms.md section 8), for the metric eval/<bench>/<stat>@<k>:
   Last = the value at the run's final logged step (or at ``last_step`` when given),
   Best = the max over the run's evaluated steps (up to ``last_step`` when given).
 Each cell is mean +- sample std (ddof=1) over the runs (seeds) of a method, with n = number of runs.

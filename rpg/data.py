@@ -1,4 +1,4 @@
-"""Prompt sets stored as parquet in verl's RL layout, and the math prompt template (ALGORITHMS.md s. 9).
+"""Prompt sets stored as parquet in verl's RL layout, and the math prompt template (docs/algorithms.md section 9).
 
 Expected columns (see data/benchmarks/README.md):
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics over k samples per problem (ALGORITHMS.md section 8; paper Section 5, Appendix H).
+"""Evaluation metrics over k samples per problem (docs/algorithms.md section 8; paper Section 5, Appendix H).
 
 Pure helpers on per-sample correctness flags and extracted answers; no model code.
 

@@ -1,4 +1,4 @@
-"""Held-out evaluation of the policy: greedy accuracy and mean@k / pass@k / maj@k (ALGORITHMS.md section 8)."""
+"""Held-out evaluation of the policy: greedy accuracy and mean@k / pass@k / maj@k (docs/algorithms.md section 8)."""
 
 from __future__ import annotations
 

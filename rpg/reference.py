@@ -1,4 +1,4 @@
-"""The KL anchor pi_ref and its update policy (paper Section 5, "iterative reference"; ALGORITHMS.md section 6).
+"""The KL anchor pi_ref and its update policy (paper Section 5, "iterative reference"; docs/algorithms.md section 6).
 
 every_step   ref = the policy that sampled the batch (ref_logp = old_logp; no second model)
 every_k      ref <- policy at the end of each RL step by which K or more optimizer steps have passed since

@@ -1,4 +1,4 @@
-"""Baseline losses the paper compares against (ALGORITHMS.md section 4); token level only.
+"""Baseline losses the paper compares against (docs/algorithms.md section 4); token level only.
 
 All use the PPO clip surrogate on the token ratio w_t = pi_theta/pi_old (rpg.core.clipping) and differ in
 the KL penalty added per token, computed against pi_ref with the current log-probs:

@@ -31,7 +31,7 @@ def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 KL_ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3}
 
 
-# The KL parts of the fully differentiable RPG losses (ALGORITHMS.md section 3a, Tables 1 and 4).
+# The KL parts of the fully differentiable RPG losses (docs/algorithms.md section 3a, Tables 1 and 4).
 # Arguments are per-sample quantities: w = pi_theta/pi_old (with grad), d = log pi_theta/pi_ref (with
 # grad), rho = pi_ref/pi_old (no grad), logpi = log pi_theta(x) (with grad).  Each term T satisfies
 #   grad T = -(C / beta) * grad logpi,

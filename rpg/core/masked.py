@@ -1,4 +1,4 @@
-"""Masked reductions and the loss aggregation modes (ALGORITHMS.md section 5)."""
+"""Masked reductions and the loss aggregation modes (docs/algorithms.md section 5)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The paper's losses: fully differentiable (section 3a) and REINFORCE-style (section 3b) surrogates.
 
-Notation (ALGORITHMS.md section 1): w = pi_theta/pi_old, d = log pi_theta/pi_ref, rho = pi_ref/pi_old,
+Notation (docs/algorithms.md section 1): w = pi_theta/pi_old, d = log pi_theta/pi_ref, rho = pi_ref/pi_old,
 A = advantage, beta = kl_coef.  Samples are tokens (level="token") or responses (level="sequence").
 Every variant's exact gradient is  -E_{pi_old}[Weight_X grad log pi_theta]  with (section 2)
   FKL:  w A + beta rho       RKL:  w (A - beta (d + 1))

@@ -1,4 +1,4 @@
-"""Per-sample quantities of a batch at token or sequence level (ALGORITHMS.md section 1)."""
+"""Per-sample quantities of a batch at token or sequence level (docs/algorithms.md section 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Rule-based grading of math answers: the ``math_dapo`` reward (ALGORITHMS.md section 9).
+"""Rule-based grading of math answers: the ``math_dapo`` reward (docs/algorithms.md section 9).
 
 The response should end with a line ``Answer: <answer>``. Only the last ``TAIL_CHARS`` (300) characters
 are read; the last ``Answer:`` match there is the prediction. Prediction and ground truth go through

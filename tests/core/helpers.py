@@ -1,5 +1,5 @@
 """Shared helpers of the rpg.core tests: what each registered loss is, random ragged batches, and a
-plain-Python-float reference of ALGORITHMS.md (written from the spec, independent of rpg.core)."""
+plain-Python-float reference of docs/algorithms.md (written from the spec, independent of rpg.core)."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def ragged_batch(lengths=(5, 3, 1, 4), t=5, seed=0, spread=0.3, garbage=False):
 # ---------------------------------------------------------------- plain-float reference of the spec
 
 def kl_weight(kl, w, d, rho, beta):
-    """C, the KL part of Weight_X (ALGORITHMS.md section 2)."""
+    """C, the KL part of Weight_X (docs/algorithms.md section 2)."""
     return {"fkl": beta * rho, "rkl": -beta * w * (d + 1), "ufkl": -beta * (w - rho), "urkl": -beta * w * d}[kl]
 
 
@@ -147,7 +147,7 @@ def rf_sample(kl, w, d, rho, a, logpi, beta, clip):
 
 
 def ref_sample(name, est, w, d, rho, a, logpi, beta, clip):
-    """(value, d value / d log pi) of one sample's loss, from ALGORITHMS.md (w = exp(log w) etc.)."""
+    """(value, d value / d log pi) of one sample's loss, from docs/algorithms.md (w = exp(log w) etc.)."""
     c = case(name)
     if c.family == "rf":
         return rf_sample(c.kl, w, d, rho, a, logpi, beta, clip)

@@ -1,4 +1,4 @@
-"""Aggregation (ALGORITHMS.md section 5): hand values of every mode, and for every loss and mode: micro-batches
+"""Aggregation (docs/algorithms.md section 5): hand values of every mode, and for every loss and mode: micro-batches
 with the mini-batch's BatchTotals sum to the mini-batch loss and gradient, empty responses and padding
 contents change nothing, and a bool mask equals a float one."""
 

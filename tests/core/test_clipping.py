@@ -98,7 +98,7 @@ def test_without_dual_clip_negative_large_w_keeps_its_gradient(name):
 
 
 def test_ppo_clip_value_is_the_max_min_formula():
-    """Value of -w A clipped: max(-w A, -clip(w) A), then min(., -c A) for A < 0 (ALGORITHMS.md 3a)."""
+    """Value of -w A clipped: max(-w A, -clip(w) A), then min(., -c A) for A < 0 (docs/algorithms.md 3a)."""
     logp, old, ref, adv, mask, _ = branch_batch("token")
     w = torch.exp(logp.detach() - old)
     a = adv[:, None]

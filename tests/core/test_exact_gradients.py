@@ -25,7 +25,7 @@ BETA, BASELINE = 0.4, 0.7
 
 def declared(name: str, est):
     """(D of the declared objective E[R] - beta D, or None for E[R] alone; whether the claim needs
-    pi_old = pi_theta).  Facts from ALGORITHMS.md sections 2-4."""
+    pi_old = pi_theta).  Facts from docs/algorithms.md sections 2-4."""
     c = case(name)
     if c.family in ("fd", "rf"):
         return c.kl, False  # any pi_old, any anchor
