@@ -229,8 +229,8 @@ def check_ranges(cfg) -> None:
 
 def validate(cfg) -> None:
     """Fail before any work on combinations the schemas cannot express."""
-    from rpg.core.advantages import ADVANTAGES
-    from rpg.core.losses import POLICY_LOSSES, LossParams
+    from rpg.core.advantages import ADVANTAGES, GROUP_ADVANTAGES
+    from rpg.core.losses import POLICY_LOSSES
 
     check_ranges(cfg)
     a, r, u = cfg.algo, cfg.rollout, cfg.ppo
@@ -257,7 +257,7 @@ def validate(cfg) -> None:
     if u.micro_batch_size < u.mini_batch_size and u.mini_batch_size % u.micro_batch_size:
         raise ConfigError(f"ppo.micro_batch_size={u.micro_batch_size} must divide ppo.mini_batch_size={u.mini_batch_size} "
                           "(or be at least as large: one forward per mini-batch)")
-    if a.advantage in ("group_zscore", "group_mean", "rloo", "reinforce_pp_baseline") and r.samples_per_prompt < 2:
+    if a.advantage in GROUP_ADVANTAGES and r.samples_per_prompt < 2:
         raise ConfigError(f"algo.advantage={a.advantage} needs a group: set rollout.samples_per_prompt >= 2")
     if a.dynamic_sampling and r.samples_per_prompt < 2:
         raise ConfigError("algo.dynamic_sampling=true keeps groups of mixed accuracy, and a group of one response "
@@ -315,8 +315,7 @@ def check_toy_split(cfg) -> None:
 
 
 def loss_params(algo):
+    """The algo config's loss hyper-parameters (every LossParams field has an AlgoConfig field of its name)."""
     from rpg.core.losses import LossParams
 
-    return LossParams(kl_coef=algo.kl_coef, clip_low=algo.clip_low, clip_high=algo.clip_high,
-                      dual_clip_c=algo.dual_clip_c, level=algo.level, agg=algo.agg,
-                      kl_estimator=algo.kl_estimator, max_log_ratio=algo.max_log_ratio)
+    return LossParams(**{f.name: algo[f.name] for f in fields(LossParams)})

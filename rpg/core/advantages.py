@@ -12,6 +12,8 @@ from rpg.core.masked import masked_whiten
 from rpg.core.registry import Registry
 
 ADVANTAGES = Registry("advantage estimator")
+#: estimators that compare a response with the other responses of its prompt: they need groups of >= 2
+GROUP_ADVANTAGES = frozenset({"group_zscore", "group_mean", "rloo", "reinforce_pp_baseline"})
 
 #: Numerical guard added to standard deviations (GRPO uses 1e-6).
 STD_EPS = 1e-6

@@ -8,7 +8,7 @@ the KL penalty added per token, computed against pi_ref with the current log-pro
 Gradient facts (tested): the grpo term's per-token gradient is (1 - pi_ref/pi_theta) grad log pi_theta,
 whose expectation under pi_theta is the gradient of the *forward* KL(pi_ref || pi_theta); the grpo_is
 term's gradient is w log(pi_theta/pi_ref) grad log pi_theta, the exact URKL gradient for any pi_old.
-Arguments as in rpg.core.rpg_losses.
+Arguments as in rpg.core.rpg_losses; rpg.core.losses registers these functions.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rpg.core.clipping import clip_metrics, clipped_pg_term
 from rpg.core.common_metrics import sample_metrics
 from rpg.core.divergences import KL_ESTIMATORS, k3
 from rpg.core.masked import aggregate
-from rpg.core.rpg_losses import POLICY_LOSSES
+from rpg.core.registry import member
 from rpg.core.samples import build_samples, zero_padding
 from rpg.core.types import BatchTotals, LossOutput, LossParams
 
@@ -45,7 +45,7 @@ def _token_samples(logp, old_logp, ref_logp, advantages, mask, params: LossParam
     return s, *zero_padding(mask, logp, old_logp.detach(), ref_logp.detach())
 
 
-@POLICY_LOSSES.register("grpo")
+@member("grpo")
 def grpo(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None,
          token_weights=None) -> LossOutput:
     """GRPO: per token  max(-w A, -clip(w) A) + beta * k3(pi_ref/pi_theta)  (Shao et al. 2024; paper Section 2.2)."""
@@ -53,7 +53,7 @@ def grpo(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals:
     return _ppo_with_penalty(k3(logp, ref_logp), s, logp, old_logp, ref_logp, mask, params, totals, token_weights)
 
 
-@POLICY_LOSSES.register("grpo_is")
+@member("grpo_is")
 def grpo_is(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None,
             token_weights=None) -> LossOutput:
     """GRPO with the importance-weighted KL: per token  max(-w A, -clip(w) A) + beta * w * k3(pi_ref/pi_theta)."""
@@ -61,7 +61,7 @@ def grpo_is(logp, old_logp, ref_logp, advantages, mask, params: LossParams, tota
     return _ppo_with_penalty(s.w * k3(logp, ref_logp), s, logp, old_logp, ref_logp, mask, params, totals, token_weights)
 
 
-@POLICY_LOSSES.register("ppo_clip", "dapo", "reinforce_pp", "reinforce_pp_baseline")
+@member("ppo")
 def ppo_clip(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None,
              token_weights=None) -> LossOutput:
     """PPO (dual-)clip, per token  max(-w A, -clip(w) A) [min -c A for A < 0] + beta * k_X(logp, ref).

@@ -28,3 +28,14 @@ class Registry(dict):
 
     def __missing__(self, name: str):
         raise KeyError(f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self))}")
+
+
+def member(family: str, divergence: str | None = None) -> Callable[[F], F]:
+    """Tag a loss with its family ("fd", "rf", "grpo", "grpo_is" or "ppo", docs/algorithms.md sections 3-4)
+    and its RPG divergence ("fkl", "rkl", "ufkl", "urkl"): what a reader, and the tests' independent
+    reference of each formula, need to know about it."""
+    def tag(fn: F) -> F:
+        fn.family, fn.divergence = family, divergence
+        return fn
+
+    return tag

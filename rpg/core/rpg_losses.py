@@ -19,11 +19,9 @@ from rpg.core.clipping import clip_branches, clip_metrics, clipped_pg_term
 from rpg.core.common_metrics import sample_metrics
 from rpg.core.divergences import RPG_KL_TERMS, RPG_KL_WEIGHTS
 from rpg.core.masked import aggregate, masked_mean
-from rpg.core.registry import Registry
-from rpg.core.samples import at_least_float32, build_samples
+from rpg.core.registry import member
+from rpg.core.samples import build_samples
 from rpg.core.types import BatchTotals, LossOutput, LossParams
-
-POLICY_LOSSES = Registry("policy loss", wrap=at_least_float32)  # bf16 inputs are computed in float32
 
 
 def fully_differentiable_loss(kl: str, logp, old_logp, ref_logp, advantages, mask, params: LossParams,
@@ -75,21 +73,51 @@ def reinforce_loss(kl: str, logp, old_logp, ref_logp, advantages, mask, params: 
     return LossOutput(loss, metrics)
 
 
-def _register(name: str, family, kl: str, doc: str) -> None:
-    def loss_fn(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals: BatchTotals | None = None,
-                token_weights=None):
-        return family(kl, logp, old_logp, ref_logp, advantages, mask, params, totals, token_weights)
+# One function per variant (the name users type as algo=); rpg.core.losses registers them.
 
-    loss_fn.__name__ = loss_fn.__qualname__ = name
-    loss_fn.__doc__ = f"{doc}\n\n{family.__doc__}"
-    POLICY_LOSSES.register(name)(loss_fn)
+@member("fd", "fkl")
+def rpg_fkl(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals=None, token_weights=None):
+    """RPG-FKL (Table 1): L = -w A - beta rho log pi_theta(x); paper form -w A - beta log pi_theta(x)."""
+    return fully_differentiable_loss("fkl", logp, old_logp, ref_logp, advantages, mask, params, totals, token_weights)
 
 
-_register("rpg_fkl", fully_differentiable_loss, "fkl", "RPG-FKL: L = -w A - beta rho log pi_theta(x); paper form -w A - beta log pi (Table 1).")
-_register("rpg_rkl", fully_differentiable_loss, "rkl", "RPG-RKL: L = w (-A + beta d); paper form w (-A + beta log w) (Table 1).")
-_register("rpg_ufkl", fully_differentiable_loss, "ufkl", "RPG-UFKL: L = -w A + beta (w - rho log pi); paper form -w A + beta (w - log w - 1) (Table 4).")
-_register("rpg_urkl", fully_differentiable_loss, "urkl", "RPG-URKL: L = -w A + beta (w d - w); paper form -w A + beta (w log w - w) (Table 4).")
-_register("rpg_rf_fkl", reinforce_loss, "fkl", "RPG-REINFORCE-FKL: Weight = w A + beta rho (Table 2).")
-_register("rpg_rf_rkl", reinforce_loss, "rkl", "RPG-REINFORCE-RKL: Weight = w (A - beta (d + 1)) (Table 2).")
-_register("rpg_rf_ufkl", reinforce_loss, "ufkl", "RPG-REINFORCE-UFKL: Weight = w A - beta (w - rho) (Table 2).")
-_register("rpg_rf_urkl", reinforce_loss, "urkl", "RPG-REINFORCE-URKL: Weight = w (A - beta d) (Table 2).")
+@member("fd", "rkl")
+def rpg_rkl(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals=None, token_weights=None):
+    """RPG-RKL (Table 1): L = w (-A + beta d); paper form w (-A + beta log w)."""
+    return fully_differentiable_loss("rkl", logp, old_logp, ref_logp, advantages, mask, params, totals, token_weights)
+
+
+@member("fd", "ufkl")
+def rpg_ufkl(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals=None, token_weights=None):
+    """RPG-UFKL (Table 4): L = -w A + beta (w - rho log pi_theta(x)); paper form -w A + beta (w - log w - 1)."""
+    return fully_differentiable_loss("ufkl", logp, old_logp, ref_logp, advantages, mask, params, totals, token_weights)
+
+
+@member("fd", "urkl")
+def rpg_urkl(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals=None, token_weights=None):
+    """RPG-URKL (Table 4): L = -w A + beta (w d - w); paper form -w A + beta (w log w - w)."""
+    return fully_differentiable_loss("urkl", logp, old_logp, ref_logp, advantages, mask, params, totals, token_weights)
+
+
+@member("rf", "fkl")
+def rpg_rf_fkl(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals=None, token_weights=None):
+    """RPG-REINFORCE-FKL (Table 2): L = -SG(w A + beta rho) log pi_theta(x)."""
+    return reinforce_loss("fkl", logp, old_logp, ref_logp, advantages, mask, params, totals, token_weights)
+
+
+@member("rf", "rkl")
+def rpg_rf_rkl(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals=None, token_weights=None):
+    """RPG-REINFORCE-RKL (Table 2): L = -SG(w (A - beta (d + 1))) log pi_theta(x)."""
+    return reinforce_loss("rkl", logp, old_logp, ref_logp, advantages, mask, params, totals, token_weights)
+
+
+@member("rf", "ufkl")
+def rpg_rf_ufkl(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals=None, token_weights=None):
+    """RPG-REINFORCE-UFKL (Table 2): L = -SG(w A - beta (w - rho)) log pi_theta(x)."""
+    return reinforce_loss("ufkl", logp, old_logp, ref_logp, advantages, mask, params, totals, token_weights)
+
+
+@member("rf", "urkl")
+def rpg_rf_urkl(logp, old_logp, ref_logp, advantages, mask, params: LossParams, totals=None, token_weights=None):
+    """RPG-REINFORCE-URKL (Table 2): L = -SG(w (A - beta d)) log pi_theta(x)."""
+    return reinforce_loss("urkl", logp, old_logp, ref_logp, advantages, mask, params, totals, token_weights)

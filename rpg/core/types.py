@@ -7,10 +7,11 @@ from typing import Literal
 
 import torch
 
+from rpg.core.divergences import KL_ESTIMATORS
+
 LEVELS = ("token", "sequence")
 TOKEN_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 SEQUENCE_AGGS = ("seq-mean",)
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class LossParams:
         if self.agg not in aggs:
             raise ValueError(f"agg={self.agg!r} does not fit level={self.level!r}; use one of {aggs}")
         if self.kl_estimator is not None and self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS} or None, got {self.kl_estimator!r}")
+            raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)} or None, got {self.kl_estimator!r}")
         if self.max_log_ratio <= 0:
             raise ValueError(f"max_log_ratio must be > 0, got {self.max_log_ratio}")
 

@@ -35,19 +35,24 @@ class Case:
         return (None, "k1", "k2", "k3") if self.family == "ppo" else (None,)
 
 
-CASES = {
-    **{f"rpg_{kl}": Case("fd", kl) for kl in ("fkl", "rkl", "ufkl", "urkl")},
-    **{f"rpg_rf_{kl}": Case("rf", kl, f"rpg_{kl}") for kl in ("fkl", "rkl", "ufkl", "urkl")},
-    "grpo": Case("grpo"),
-    "grpo_is": Case("grpo_is"),
-    **{n: Case("ppo") for n in ("ppo_clip", "dapo", "reinforce_pp", "reinforce_pp_baseline")},
-}
+FAMILIES = ("fd", "rf", "grpo", "grpo_is", "ppo")
+DIVERGENCES = ("fkl", "rkl", "ufkl", "urkl")  # those the reference below knows the formulas of
 
 
 def case(name: str) -> Case:
-    if name not in CASES:
-        pytest.fail(f"registered loss {name!r} has no test case: add it to CASES in tests/core/helpers.py")
-    return CASES[name]
+    """What the tests need to know about a registered loss, from the family and divergence its function
+    declares (rpg.core.registry.member): a new variant is tested the moment it is registered."""
+    fn = POLICY_LOSSES[name]
+    family, kl = getattr(fn, "family", None), getattr(fn, "divergence", None)
+    if family not in FAMILIES or (family in ("fd", "rf")) != (kl in DIVERGENCES):
+        pytest.fail(f"registered loss {name!r} declares family={family!r}, divergence={kl!r}: tag it with "
+                    f"rpg.core.registry.member(family in {FAMILIES}, divergence in {DIVERGENCES} for fd/rf), "
+                    "or teach tests/core/helpers.py its formula")
+    partner = None
+    if family == "rf":
+        partner = next(n for n in sorted(POLICY_LOSSES)
+                       if getattr(POLICY_LOSSES[n], "family", None) == "fd" and POLICY_LOSSES[n].divergence == kl)
+    return Case(family, kl, partner)
 
 
 def aggs(level: str) -> tuple[str, ...]:
@@ -65,7 +70,7 @@ def loss_configs(clips=(None, CLIP)) -> list:
     config so that its test runs and fails in ``case``."""
     out = []
     for name in LOSS_NAMES:
-        c = CASES.get(name, Case("fd"))
+        c = case(name) if getattr(POLICY_LOSSES[name], "family", None) else Case("fd")
         full = primary_name(name) == name
         for level in c.levels:
             for agg in aggs(level) if full else aggs(level)[:1]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rpg.core.advantages import ADVANTAGES
+from rpg.core.advantages import ADVANTAGES, GROUP_ADVANTAGES
 
 F64 = torch.float64
 R = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 2.0, 5.0, 3.0, 4.0], dtype=F64)
@@ -100,3 +100,14 @@ def test_group_zscore_uses_the_unbiased_std():
     s = 50.0 ** 0.5
     torch.testing.assert_close(got, torch.tensor([5 / (s + EPS), -5 / (s + EPS)], dtype=F64), atol=1e-14, rtol=0)
     assert abs(float(got[0]) - 2 ** -0.5) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(ADVANTAGES))
+def test_group_estimators_are_declared_as_such(name):
+    # GROUP_ADVANTAGES (what config validation requires groups of >= 2 for) is exactly the set of
+    # estimators whose value depends on how responses are grouped
+    rewards = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.25], dtype=F64)
+    mask = torch.ones(6, 3, dtype=F64)
+    by_two = ADVANTAGES[name](rewards, torch.tensor([0, 0, 1, 1, 2, 2]), mask)
+    by_three = ADVANTAGES[name](rewards, torch.tensor([0, 0, 0, 1, 1, 1]), mask)
+    assert (not torch.allclose(by_two, by_three)) == (name in GROUP_ADVANTAGES)

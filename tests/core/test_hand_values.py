@@ -21,20 +21,20 @@ from rpg.core.losses import POLICY_LOSSES, LossParams
 
 from .helpers import CLIP, F64, LOSS_NAMES, aggs, beta_for, case, loss_configs, params_for, ragged_batch, ref_loss
 
-HAND = {  # key: (loss value, d loss / d logp)
+HAND = {  # key (family:divergence, or the baseline): (loss value, d loss / d logp)
     # -w A - beta rho log pi = -.55 + .1*.8*.597837 ;  -(w A + beta rho) = -(.55 + .08)
-    "rpg_fkl": (-0.502173039939550, -0.63),
+    "fd:fkl": (-0.502173039939550, -0.63),
     # w (-A + beta d) = 1.1 (-.5 + .0318453731) ;  -w (A - beta (d + 1)) = -1.1 (.5 - .1318453731)
-    "rpg_rkl": (-0.514970089576961, -0.404970089576961),
+    "fd:rkl": (-0.514970089576961, -0.404970089576961),
     # -w A + beta (w - rho log pi) = -.55 + .1 (1.1 + .4782696006) ;  -(w A - beta (w - rho)) = -(.55 - .03)
-    "rpg_ufkl": (-0.392173039939550, -0.52),
+    "fd:ufkl": (-0.392173039939550, -0.52),
     # -w A + beta (w d - w) = -.55 + .1 (.3502991042 - 1.1) ;  -w (A - beta d) = -1.1 (.5 - .0318453731)
-    "rpg_urkl": (-0.624970089576961, -0.514970089576961),
+    "fd:urkl": (-0.624970089576961, -0.514970089576961),
     # REINFORCE-style: value -Weight log pi = Weight * .597837..., gradient -Weight (Proposition 4.1)
-    "rpg_rf_fkl": (0.376637310476041, -0.63),  # .63 * .5978370008
-    "rpg_rf_rkl": (0.242106103748425, -0.404970089576961),  # .404970089577 * .5978370008
-    "rpg_rf_ufkl": (0.310875240392923, -0.52),  # .52 * .5978370008
-    "rpg_rf_urkl": (0.307868173831544, -0.514970089576961),  # .514970089577 * .5978370008
+    "rf:fkl": (0.376637310476041, -0.63),  # .63 * .5978370008
+    "rf:rkl": (0.242106103748425, -0.404970089576961),  # .404970089577 * .5978370008
+    "rf:ufkl": (0.310875240392923, -0.52),  # .52 * .5978370008
+    "rf:urkl": (0.307868173831544, -0.514970089576961),  # .514970089577 * .5978370008
     # -w A + beta k3 = -.55 + .0045726458 ;  -w A + beta (1 - r) = -.55 + .1 * .2727272727
     "grpo": (-0.545427354160874, -0.522727272727273),
     # -w A + beta w k3 = -.55 + .11 * .0457264584 ;  -w A + beta w d = -.55 + .11 * .3184537311
@@ -48,7 +48,8 @@ HAND = {  # key: (loss value, d loss / d logp)
 
 
 def hand_key(name, est):
-    return f"ppo:{est}" if case(name).family == "ppo" else name
+    c = case(name)
+    return f"ppo:{est}" if c.family == "ppo" else f"{c.family}:{c.kl}" if c.kl else c.family
 
 
 def one_token(level="token"):
