@@ -162,6 +162,7 @@ class RunConfig:
     resume: str = "auto"  # auto: continue from out_dir's last checkpoint if any | never
     out_dir: Optional[str] = None  # None: Hydra's run directory
     sweep: str = "default"  # sweep name; groups runs in MLflow
+    name: Optional[str] = None  # the run's name (MLflow, progress bar); None: <algo>-<model>-<data>-s<seed>
     cache_dir: Optional[str] = None  # warm starts and derived data; None: <project>/.cache
     dry_run: bool = False  # validate, print the size/memory/tokens estimate of rpg.plan, and exit
 

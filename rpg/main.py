@@ -29,9 +29,22 @@ def main(cfg: DictConfig) -> float | None:
         return None
     from rpg.train import run
 
+    name_multirun_job(cfg)
     logging.getLogger("rpg").setLevel(logging.INFO)
     final = run(cfg)
     return final.get("train/acc")
+
+
+def name_multirun_job(cfg: DictConfig) -> None:
+    """A ``-m`` job is named by its overrides (Hydra's override_dirname, e.g. ``algo=grpo,seed=2``) unless
+    ``name`` is set, so the runs of a multirun are told apart in MLflow and on their progress bars."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.name is None and HydraConfig.initialized():
+        job = HydraConfig.get()
+        if job.mode == RunMode.MULTIRUN and job.job.override_dirname:
+            cfg.name = job.job.override_dirname
 
 
 if __name__ == "__main__":

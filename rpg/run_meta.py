@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
+from pathlib import PurePosixPath
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from rpg.data import PROJECT_ROOT
 #: Keys that do not change what a run computes; left out of the config hash.
-NON_SEMANTIC_KEYS = ("tracking", "resume", "out_dir", "sweep", "cache_dir", "dry_run")
+NON_SEMANTIC_KEYS = ("tracking", "resume", "out_dir", "sweep", "cache_dir", "dry_run", "name")
 
 
 def config_hash(cfg) -> str:
@@ -44,7 +47,39 @@ def git_state() -> tuple[str, bool]:
 
 
 def run_name(cfg) -> str:
-    return f"{cfg.algo.name}-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}"
+    """The run's one name -- in MLflow, its progress bar, its summary and a sweep's run folder: ``name``
+    when set (rpg.sweep sets the settings its runs vary, a ``-m`` multirun its overrides), else
+    <algo>-<model>-<data>-s<seed>."""
+    return cfg.get("name") or f"{cfg.algo.name}-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}"
+
+
+_SIMPLE = re.compile(r"^[\w.:/+@-]*$")
+
+
+def format_value(value: Any) -> str:
+    """A value in Hydra's override syntax (also the run-name form)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{format_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    return text if _SIMPLE.match(text) and text else "'" + text.replace("'", "\\'") + "'"
+
+
+def settings_name(settings: dict[str, Any]) -> str:
+    """``key=value,...`` of the settings that tell runs apart, usable as a folder name: a path value is
+    shortened to its last part (``model.path=/models/qwen3`` -> ``model.path=qwen3``)."""
+    def short(v):
+        return PurePosixPath(v).name if isinstance(v, str) and "/" in v else v
+
+    name = ",".join(f"{k}={format_value(short(v))}" for k, v in settings.items())
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"settings {settings} give no usable run name ({name!r}): no '/', no leading '.'")
+    return name
 
 
 class Terminated(BaseException):

@@ -31,7 +31,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from rpg.run_meta import PROJECT_ROOT, config_hash
+from rpg.run_meta import PROJECT_ROOT, config_hash, format_value, settings_name
 
 SWEEP_KEYS = ("name", "model", "data", "engine", "fixed", "grid", "runs", "launcher", "profile")
 LAUNCHERS = ("slurm", "local", "inline")
@@ -39,7 +39,6 @@ LAUNCHERS = ("slurm", "local", "inline")
 STATES = {"FINISHED": ("finished", "skip"), "RUNNING": ("running", "skip"), "SCHEDULED": ("running", "skip"),
           "FAILED": ("failed", "resubmit"), "KILLED": ("killed", "resubmit"), None: ("missing", "submit")}
 GROUPS = ("hydra",)  # config groups besides the folders of conf/
-_SIMPLE = re.compile(r"^[\w.:/+@-]*$")
 
 
 class SweepError(ValueError):
@@ -78,20 +77,6 @@ class Planned:
 
 def default_runs_root() -> Path:
     return Path(os.environ.get("RPG_RUNS_DIR") or PROJECT_ROOT / "multirun")
-
-
-def format_value(value: Any) -> str:
-    """A value in Hydra's override syntax (also the run-name form)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(format_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{format_value(v)}" for k, v in value.items()) + "}"
-    text = str(value)
-    return text if _SIMPLE.match(text) and text else "'" + text.replace("'", "\\'") + "'"
 
 
 def load_sweep(path: str | os.PathLike) -> Sweep:
@@ -133,12 +118,12 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
 
 def expand(sweep: Sweep) -> list[Run]:
     """Every run of the sweep: the grid's cartesian product, then the explicit runs. Names are unique."""
-    runs = []
-    if sweep.grid:
-        for combo in itertools.product(*(rows for _, rows in sweep.grid)):
-            varied = {k: v for (keys, _), row in zip(sweep.grid, combo) for k, v in zip(keys, row)}
-            runs.append(Run(run_name(varied), varied))
-    runs += [Run(run_name(r), dict(r)) for r in sweep.runs]
+    settings = [{k: v for (keys, _), row in zip(sweep.grid, combo) for k, v in zip(keys, row)}
+                for combo in itertools.product(*(rows for _, rows in sweep.grid))] if sweep.grid else []
+    try:
+        runs = [Run(settings_name(varied), varied) for varied in settings + [dict(r) for r in sweep.runs]]
+    except ValueError as exc:
+        raise SweepError(f"{sweep.path}: {exc}") from None
     seen: dict[str, int] = {}
     for r in runs:
         seen[r.name] = seen.get(r.name, 0) + 1
@@ -148,13 +133,6 @@ def expand(sweep: Sweep) -> list[Run]:
     if not runs:
         raise SweepError(f"{sweep.path}: no runs; add a grid or runs")
     return runs
-
-
-def run_name(varied: dict[str, Any]) -> str:
-    name = ",".join(f"{k}={format_value(v)}" for k, v in varied.items())
-    if "/" in name or name.startswith("."):
-        raise SweepError(f"run name {name!r} cannot be a folder name (no '/' or leading '.')")
-    return name
 
 
 def _override_map(items: list[str]) -> dict[str, str]:
@@ -204,7 +182,8 @@ def compose_runs(sweep: Sweep, runs: list[Run], extra: list[str] = (), runs_root
         for run in runs:
             ov = {k: format_value(v) for k, v in sweep.base.items()}
             ov |= {k: format_value(v) for k, v in run.varied.items()}
-            ov |= extra_map | {"sweep": sweep.name, "out_dir": format_value(str(root / run.name))}
+            ov |= extra_map | {"sweep": sweep.name, "out_dir": format_value(str(root / run.name)),
+                               "name": format_value(run.name)}  # the run's MLflow name = its folder's
             groups = tuple(f"{k}={v}" for k, v in ov.items() if is_group(k))
             values = [f"{k}={v}" for k, v in ov.items() if not is_group(k)]
             key = (groups, tuple(f"{k}={v}" if structural(k, v) else k for k, v in ov.items() if not is_group(k)))

@@ -53,6 +53,7 @@ def test_sweep_file_expands_and_composes(path, tmp_path):
     for c in composed:
         assert c.config["sweep"] == s.name and c.config["tracking"]["experiment"] == s.name
         assert c.config["out_dir"] == str(tmp_path.resolve() / s.name / c.run.name)
+        assert c.config["name"] == c.run.name  # its MLflow name is its folder's
         assert c.config["model"]["name"] == s.base["model"] and c.config["engine"]["name"] == s.base["engine"]
         for key, value in c.run.varied.items():  # a group choice shows as <group>.name
             node = c.config
@@ -65,7 +66,8 @@ def test_sweep_file_expands_and_composes(path, tmp_path):
         overrides = {**s.base, **c.run.varied}
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             full = compose(config_name="config", overrides=[f"{k}={sweep.format_value(v)}" for k, v in overrides.items()]
-                           + [f"sweep={s.name}", f"out_dir={sweep.format_value(c.config['out_dir'])}"])
+                           + [f"sweep={s.name}", f"out_dir={sweep.format_value(c.config['out_dir'])}",
+                              f"name={sweep.format_value(c.run.name)}"])
         assert OmegaConf.to_container(full, resolve=True) == c.config
         assert config_hash(full) == c.config_hash
 
@@ -276,3 +278,21 @@ def test_sigterm_during_a_stop_lets_the_shutdown_finish(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.stdout.strip() == "['shutdown finished', 'terminated']", out.stderr
     assert not issubclass(Terminated, Exception)  # job wrappers catching Exception do not report it as failed
+
+
+def test_every_paper_sweep_run_has_its_own_name(tmp_path):
+    # the clip ablation's two clip settings used to share one MLflow name per algo and seed
+    from rpg.run_meta import run_name
+
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+        s = sweep.load_sweep(path)
+        names = [run_name(OmegaConf.create(c.config)) for c in sweep.compose_runs(s, sweep.expand(s), runs_root=tmp_path)]
+        assert len(set(names)) == len(names), path.name
+
+
+def test_a_path_valued_setting_names_its_run_by_the_last_part():
+    from rpg.run_meta import settings_name
+
+    assert settings_name({"model.path": "/models/qwen3-4b", "seed": 1}) == "model.path=qwen3-4b,seed=1"
+    with pytest.raises(ValueError, match="no usable run name"):
+        settings_name({})

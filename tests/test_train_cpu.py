@@ -261,3 +261,21 @@ def test_a_run_ends_by_saying_what_it_found_and_where(tmp_path, fast_overrides):
     assert "eval/toy/greedy_acc: " in out and f"-> {final['eval/toy/greedy_acc']:.3f}" in out
     assert f"MLflow run {run_id} in sqlite:///{db}; browse with: mlflow ui --backend-store-uri sqlite:///{db}" in out
     assert f"outputs and checkpoints: {tmp_path / 'run'}" in out
+
+
+def test_multirun_jobs_are_named_by_their_overrides(tmp_path, fast_overrides):
+    import subprocess
+    import sys
+
+    db = tmp_path / "mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "rpg.main", "-m", *fast_overrides, "steps=1", "eval_every=0",
+                           "algo.kl_coef=0.1,0.2", f"tracking.uri=sqlite:///{db}",
+                           f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = mlflow.MlflowClient(f"sqlite:///{db}").search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()])
+    names = sorted(r.info.run_name for r in runs)
+    assert len(names) == 2 and "algo.kl_coef=0.1" in names[0] and "algo.kl_coef=0.2" in names[1], names
+    assert all(r.data.tags["run_name"] == r.info.run_name for r in runs)
+    assert not any("tracking.uri" in n or "cache_dir" in n for n in names)  # what it computes, not where
