@@ -37,7 +37,6 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-DEFAULT_URI = "sqlite:///mlflow.db"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 METRIC_COLUMNS = ["run_id", "key", "step", "value", "timestamp"]
 BASE_COLUMNS = ["run_id", "experiment", "run_name", "status", "start_time", "end_time", "fingerprint"]
@@ -63,7 +62,10 @@ class Sweep:
 
 
 def resolve_uri(tracking_uri: str | None) -> str:
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The project's one rule (rpg.tracking_base.resolve_tracking_uri): default sqlite:///<cwd>/mlflow.db."""
+    from rpg.tracking_base import resolve_tracking_uri
+
+    return resolve_tracking_uri(tracking_uri)
 
 
 def load_sweep(experiment: str, tracking_uri: str | None = None, cache_dir: str | Path | None = None,

@@ -54,9 +54,10 @@ class NullTracker:
     def end(self, status="FINISHED") -> None: ...
 
 
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """`uri`, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; sqlite paths made absolute."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+def resolve_tracking_uri(uri: str | None = None, directory: str | Path | None = None) -> str:
+    """The one rule for where runs are stored (training, sweeps and the analysis use it): `uri`, else
+    $MLFLOW_TRACKING_URI, else sqlite:///<directory, default the cwd>/mlflow.db; sqlite paths made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(directory or Path.cwd()) / 'mlflow.db'}"
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme in ("", "file"):
         raise TrackingError(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import logging
 import time
 import traceback
@@ -32,20 +31,18 @@ from rpg.rollout.sharded import ShardedEngine
 from rpg.rollouts import PromptSampler, collect
 from rpg.run_meta import Terminated, config_hash, git_state, raise_on_sigterm, resume_key, run_name
 from rpg.tracking import MLflowTracker, NullTracker
-from rpg.tracking_base import redact
+from rpg.tracking_base import redact, resolve_tracking_uri
 
 log = logging.getLogger("rpg")
 
 
-def tracking_uri(cfg) -> str | None:
-    """tracking.uri, else $MLFLOW_TRACKING_URI, else mlflow.db in the directory the command was run from
-    (not Hydra's per-run directory, so all runs of a sweep share one store)."""
-    if cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        return cfg.tracking.uri
+def tracking_uri(cfg) -> str:
+    """The store (rpg.tracking_base.resolve_tracking_uri), defaulting to mlflow.db in the directory the command
+    was run from (not Hydra's per-run directory, so all runs of a sweep share one store)."""
     from hydra.core.hydra_config import HydraConfig
 
     launch_dir = Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
-    return f"sqlite:///{launch_dir / 'mlflow.db'}"
+    return resolve_tracking_uri(cfg.tracking.uri, launch_dir)
 
 
 def loggable_config(cfg) -> dict:

@@ -253,3 +253,24 @@ def test_four_runs_starting_together_on_a_new_store_all_finish(tmp_path):
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
+
+
+def test_training_sweeps_and_analysis_find_the_same_store(make_cfg, tmp_path, monkeypatch):
+    from analysis.load import resolve_uri
+    from rpg.sweep import _tracking
+    from rpg.train import tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    for env in (None, f"sqlite:///{tmp_path / 'env.db'}"):
+        if env:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+        else:
+            monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        for uri in (None, "sqlite:///relative.db"):
+            cfg = make_cfg(*([f"tracking.uri={uri}"] if uri else []))
+            if uri is None:
+                cfg.tracking.uri = None
+            config = {"tracking": {"uri": cfg.tracking.uri, "experiment": "x"}}
+            want = uri or env or f"sqlite:///{tmp_path / 'mlflow.db'}"
+            want = want.replace("sqlite:///relative.db", f"sqlite:///{tmp_path / 'relative.db'}")
+            assert tracking_uri(cfg) == _tracking([config])[0] == resolve_uri(cfg.tracking.uri) == want
