@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from rpg.config import ConfigError
 from rpg.data import PROJECT_ROOT, PromptSet, load_prompt_set
+from rpg.models import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_dir(cfg) -> Path:
@@ -51,6 +52,26 @@ def build_policy(cfg):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     without_dropout(model)
     return model.train(), tokenizer, info
+
+
+def check_toy_split(cfg) -> None:
+    """The tiny model's warm start and the toy task's RL data must split the problems the same way, or the
+    held-out problems RL is evaluated on can be ones the warm start was trained on."""
+    if cfg.model.kind != "tiny" or cfg.data.kind != "toy":
+        return
+    from rpg.toy_task import DIGITS, N_TEST
+    from rpg.warmstart import WarmStartConfig
+
+    ws = WarmStartConfig.from_mapping(cfg.model.warm_start)
+    toy = {"split_seed": cfg.data.toy_seed, "digits": DIGITS, "n_test": N_TEST}  # the RL data's split (rpg.build)
+    for key, value in toy.items():
+        if getattr(ws, key) != value:
+            fix = (f"set model.warm_start.split_seed={value} (or data.toy_seed={ws.split_seed})" if key == "split_seed"
+                   else f"keep model.warm_start.{key}={value}, the toy data's")
+            raise ConfigError(f"model.warm_start.{key}={getattr(ws, key)} splits the toy problems differently from "
+                              f"the RL data (data.toy_seed={cfg.data.toy_seed}, {toy['digits']} digits, "
+                              f"{toy['n_test']} held out): held-out problems could be warm-start training "
+                              f"problems; {fix}")
 
 
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:

@@ -7,12 +7,15 @@ misspelt key fails at composition time.  ``validate(cfg)`` checks the combinatio
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+#: the Hydra config tree (conf/ at the project root)
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 REF_UPDATES = ("every_step", "every_k", "kl_threshold", "never")
 #: losses whose KL term is algo.kl_estimator's (the others carry their divergence in the loss itself)
 ESTIMATOR_LOSSES = ("ppo_clip", "dapo", "reinforce_pp", "reinforce_pp_baseline")
@@ -275,7 +278,6 @@ def validate(cfg) -> None:
     if cfg.model.kind == "pretrained" and not cfg.model.path:
         raise ConfigError(f"model {cfg.model.name}: set model.path=/path/to/local/checkpoint "
                           "(a directory with config.json and weights; nothing is downloaded at run time)")
-    check_toy_split(cfg)
     e = cfg.engine
     if e.rollout not in ("hf", "vllm"):
         raise ConfigError(f"engine.rollout={e.rollout!r}; use hf or vllm")
@@ -293,26 +295,6 @@ def validate(cfg) -> None:
     for key in ("dtype", "param_dtype"):
         if e[key] not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"engine.{key}={e[key]!r}; use float32, bfloat16 or float16")
-
-
-def check_toy_split(cfg) -> None:
-    """The tiny model's warm start and the toy task's RL data must split the problems the same way, or the
-    held-out problems RL is evaluated on can be ones the warm start was trained on."""
-    if cfg.model.kind != "tiny" or cfg.data.kind != "toy":
-        return
-    from rpg.toy_task import DIGITS, N_TEST
-    from rpg.warmstart import WarmStartConfig
-
-    ws = WarmStartConfig.from_mapping(cfg.model.warm_start)
-    toy = {"split_seed": cfg.data.toy_seed, "digits": DIGITS, "n_test": N_TEST}  # the RL data's split (rpg.build)
-    for key, value in toy.items():
-        if getattr(ws, key) != value:
-            fix = (f"set model.warm_start.split_seed={value} (or data.toy_seed={ws.split_seed})" if key == "split_seed"
-                   else f"keep model.warm_start.{key}={value}, the toy data's")
-            raise ConfigError(f"model.warm_start.{key}={getattr(ws, key)} splits the toy problems differently from "
-                              f"the RL data (data.toy_seed={cfg.data.toy_seed}, {toy['digits']} digits, "
-                              f"{toy['n_test']} held out): held-out problems could be warm-start training "
-                              f"problems; {fix}")
 
 
 def loss_params(algo):

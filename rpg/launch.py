@@ -145,12 +145,12 @@ def _latest_step(out_dir: Path) -> int:
 
 
 class TrainJob(Checkpointable):
-    """One training run: ``TrainJob()(config)`` runs ``rpg.train.run`` on the resolved config dict and
+    """One training run: ``TrainJob()(config)`` starts it (rpg.ranks.start) from the resolved config dict and
     records each start (with the checkpoint step it resumes from) in ``<out_dir>/jobs.jsonl``."""
 
     def __call__(self, config: dict) -> dict[str, float]:
         from rpg.config import RunConfig
-        from rpg.train import run
+        from rpg.ranks import start
 
         lg = logging.getLogger("rpg")
         lg.setLevel(logging.INFO)
@@ -168,7 +168,7 @@ class TrainJob(Checkpointable):
         if rank == 0:
             append_record(out_dir, event="start", job_id=job_id, host=socket.gethostname(), pid=os.getpid(),
                           resume_step=_latest_step(out_dir))
-        return run(cfg)
+        return start(cfg)
 
     def checkpoint(self, config: dict) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on USR2, just before it requeues the job and exits: resubmit the same call.

@@ -11,11 +11,9 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from pathlib import Path
+from rpg.config import CONF_DIR, register_configs
 
-from rpg.config import register_configs
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+__all__ = ["CONF_DIR", "main"]
 
 register_configs()
 
@@ -27,11 +25,11 @@ def main(cfg: DictConfig) -> float | None:
 
         dry_run(cfg)
         return None
-    from rpg.train import run
+    from rpg.ranks import start
 
     name_multirun_job(cfg)
     logging.getLogger("rpg").setLevel(logging.INFO)
-    final = run(cfg)
+    final = start(cfg)
     return final.get("train/acc")
 
 

@@ -338,9 +338,11 @@ def dry_run(cfg, out=None) -> dict:
     """Validate ``cfg``, print the report; returns the estimate."""
     import sys
 
+    from rpg.build import check_toy_split
     from rpg.config import validate
 
     validate(cfg)
+    check_toy_split(cfg)
     est = estimate(cfg)
     (out or sys.stdout).write(format_report(cfg, est) + "\n")
     return est

@@ -167,7 +167,7 @@ def compose_runs(sweep: Sweep, runs: list[Run], extra: list[str] = (), runs_root
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from rpg.config import register_configs, validate
-    from rpg.main import CONF_DIR
+    from rpg.config import CONF_DIR
 
     register_configs()
     root = Path(runs_root or default_runs_root()).resolve() / sweep.name

@@ -18,8 +18,7 @@ from tqdm.auto import tqdm
 
 from rpg import checkpoint
 from rpg.backend import make_backend
-from rpg.backend.spawn import FINAL_METRICS, ranks_exist, spawn_ranks
-from rpg.build import build_data, build_optimizer, build_policy
+from rpg.build import build_data, build_optimizer, build_policy, check_toy_split
 from rpg.config import ConfigError, validate
 from rpg.evaluation import evaluate_policy
 from rpg.learner import Learner
@@ -29,7 +28,7 @@ from rpg.rewards import get_reward_fn
 from rpg.rollout import make_engine
 from rpg.rollout.sharded import ShardedEngine
 from rpg.rollouts import PromptSampler, collect
-from rpg.run_meta import Terminated, config_hash, git_state, raise_on_sigterm, resume_key, run_name
+from rpg.run_meta import FINAL_METRICS, Terminated, config_hash, git_state, raise_on_sigterm, resume_key, run_name
 from rpg.tracking import MLflowTracker, NullTracker
 from rpg.tracking_base import redact, resolve_tracking_uri
 
@@ -83,10 +82,7 @@ def engine_options(cfg) -> dict:
 
 def run(cfg) -> dict[str, float]:
     validate(cfg)
-    if cfg.engine.backend == "fsdp" and not ranks_exist():  # one command on one node: start the ranks
-        out_dir = Path(cfg.out_dir or Path.cwd()).resolve()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return spawn_ranks(cfg, out_dir, tracking_uri(cfg))
+    check_toy_split(cfg)
     backend = make_backend(cfg)
     for note in inert_mechanisms(cfg) if backend.is_main else []:
         log.warning("%s", note)

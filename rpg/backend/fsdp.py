@@ -34,7 +34,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from rpg import checkpoint
 from rpg.backend.local import frozen_copy
-from rpg.build import DTYPES
+from rpg.models import DTYPES
 from rpg.config import ConfigError
 from rpg.logprobs import ResponseScorer
 
@@ -52,14 +52,10 @@ class FullWeights:
 
 
 def init_distributed(device: str, timeout_s: float = 1800.0) -> None:
-    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun), or by
-    the SLURM task environment (one task per GPU, e.g. a submitit job)."""
+    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, torchrun's environment
+    (whoever started the ranks set it: torchrun, or rpg.ranks for SLURM tasks)."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        from rpg.launch import export_torch_distributed_env
-
-        export_torch_distributed_env()
     if "RANK" not in os.environ:
         raise RuntimeError(
             "engine.backend=fsdp needs one process per rank: start it with "

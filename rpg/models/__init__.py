@@ -1,4 +1,6 @@
-"""Locally built models and tokenizers (no downloads)."""
+"""Locally built models and tokenizers (no downloads), and the dtypes a config names."""
+
+import torch
 
 from rpg.models.tiny import (
     build_char_tokenizer,
@@ -9,7 +11,11 @@ from rpg.models.tiny import (
     save_tiny,
 )
 
+#: engine.dtype / engine.param_dtype -> torch dtype
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 __all__ = [
+    "DTYPES",
     "build_char_tokenizer",
     "build_tiny_model",
     "char_encode",

@@ -1,9 +1,10 @@
-"""Start the ranks of an FSDP run from one command: ``python -m rpg.main engine.backend=fsdp ...`` on one
-node re-launches itself as ``engine.ranks_per_node`` (default: one per GPU) processes with torchrun.
+"""Which processes a run is: the one place that decides it (rpg.main and the SLURM job both call ``start``).
 
-The parent writes the resolved config (with its output directory and tracking URI filled in) to
-``<out_dir>/ranks_config.yaml`` and waits; each rank loads it here (``python -m rpg.backend.spawn PATH``).
-Under torchrun or as SLURM tasks the ranks already exist and nothing is spawned.
+A local run is this process.  An FSDP run's ranks are either already there (torchrun, or SLURM tasks,
+whose environment is translated here into torchrun's RANK / WORLD_SIZE / MASTER_ADDR / ...), or, from one
+command on one node, started here: the resolved config (output directory and tracking URI filled in) is
+written to ``<out_dir>/ranks_config.yaml`` and ``engine.ranks_per_node`` processes are started with torchrun,
+each loading it (``python -m rpg.ranks PATH``).  The trainer (rpg.train) only ever trains its own rank.
 """
 
 from __future__ import annotations
@@ -17,13 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from rpg.config import ConfigError, RunConfig, ranks_per_node
-
-FINAL_METRICS = "final_metrics.json"
-
-
-def ranks_exist() -> bool:
-    """Whether this process is already one rank of a distributed run (torchrun or a SLURM task)."""
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+from rpg.run_meta import FINAL_METRICS
 
 
 def spawn_ranks(cfg, out_dir: Path, tracking_uri: str | None) -> dict[str, float]:
@@ -39,11 +34,29 @@ def spawn_ranks(cfg, out_dir: Path, tracking_uri: str | None) -> dict[str, float
     OmegaConf.save(cfg, path, resolve=True)
     (out_dir / FINAL_METRICS).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "-m", "rpg.backend.spawn", str(path)]
+           "-m", "rpg.ranks", str(path)]
     code = subprocess.run(cmd).returncode
     if code:
         raise RuntimeError(f"the {n} ranks of the run failed (exit code {code}); see their output above")
     return json.loads((out_dir / FINAL_METRICS).read_text())
+
+
+def start(cfg) -> dict[str, float]:
+    """Run ``cfg`` as this process, or as the ranks it needs; returns the final metrics."""
+    from rpg.config import validate
+    from rpg.train import run, tracking_uri
+
+    if cfg.engine.backend == "fsdp" and "RANK" not in os.environ:
+        validate(cfg)  # before any process is started
+        if "SLURM_PROCID" in os.environ:  # SLURM tasks: torchrun's environment from SLURM's
+            from rpg.launch import export_torch_distributed_env
+
+            export_torch_distributed_env()
+        else:  # one command on one node
+            out_dir = Path(cfg.out_dir or Path.cwd()).resolve()
+            out_dir.mkdir(parents=True, exist_ok=True)
+            return spawn_ranks(cfg, out_dir, tracking_uri(cfg))
+    return run(cfg)
 
 
 def main(path: str) -> None:
