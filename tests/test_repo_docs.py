@@ -28,7 +28,7 @@ def test_every_referenced_document_exists():
 
 
 def test_the_check_sees_a_dangling_reference(tmp_path):
-    # the pattern finds the kind of pointer that used to dangle ("see ALGORITHMS.md section 6")
+    # the pattern finds the kind of pointer that used to dangle (a spec file outside the repository)
     name = "ALGORITHMS" + ".md"  # spelt apart so that this file does not point to it
     assert DOC.findall(f'"""The anchor ({name} section 6)."""') == [name]
     assert not (REPO / name).exists()
