@@ -8,6 +8,7 @@ import torch
 
 from rpg.config import loss_params
 from rpg.core.advantages import ADVANTAGES
+from rpg.core.divergences import k3
 from rpg.core.losses import POLICY_LOSSES
 from rpg.logprobs import response_logprobs
 from rpg.rollout.mismatch import mismatch_metrics, tis_weights
@@ -66,8 +67,13 @@ class Learner:
                                 chunk_tokens=cfg.engine.logprob_chunk, generator=self.shuffle, backend=self.backend)
         self.scheduler.step()  # once per RL step: optim.warmup_steps counts RL steps, as the paper's
         self.optimizer_steps += int(metrics.pop("optim/steps"))
-        refreshed = self.reference.after_update(self.module, self.optimizer_steps, metrics.get("kl/k3", 0.0))
         tokens = mask.sum().item()
+        # where the update left the policy: KL(pi_new || pi_ref) on the batch, importance-weighted (the tokens
+        # came from pi_old), before the reference schedule may move the anchor
+        new_logp, _ = score_logprobs(self.module, gens, cfg, self.backend)
+        w_new = torch.exp((new_logp - old_logp).clamp(max=20.0))
+        metrics["kl/k3_iw_after_update"] = (w_new * k3(new_logp, ref_logp) * mask).sum().item() / tokens
+        refreshed = self.reference.after_update(self.module, self.optimizer_steps, metrics.get("kl/k3", 0.0))
         metrics.update({"train/entropy": (entropy * mask).sum().item() / tokens,
                         "train/advantage_abs_mean": advantages.abs().mean().item(),
                         "ref/refreshed": float(refreshed), "ref/kl_avg": self.reference.kl_avg})

@@ -64,15 +64,17 @@ def plain_logp(model, gens, temperature: float, rows=slice(None)) -> torch.Tenso
     return logits.log_softmax(-1).gather(-1, ids[:, p:, None]).squeeze(-1)
 
 
-def plain_update(cfg, model, batches) -> None:
+def plain_update(cfg, model, batches) -> list[float]:
     """The paper's update, written out: per RL step, score with pi_old and pi_ref, advantages, then epochs x
-    mini-batches of AdamW steps at the warmed-up rate, then move the anchor as algo.ref_update says."""
+    mini-batches of AdamW steps at the warmed-up rate, then move the anchor as algo.ref_update says.
+    Returns the KL from the updated policy to the anchor after each RL step."""
     a, o, u, temp = cfg.algo, cfg.optim, cfg.ppo, cfg.rollout.temperature
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     loss_fn, params, advantage_fn = POLICY_LOSSES[a.loss], loss_params(a), ADVANTAGES[a.advantage]
     anchor = copy.deepcopy(model)  # the initial policy
     order = torch.Generator().manual_seed(cfg.seed)
     steps = last_refresh = 0
+    kl_after = []
     for t, batch in enumerate(batches):
         for group in optimizer.param_groups:  # linear warm-up over optim.warmup_steps RL steps
             group["lr"] = o.lr * min(1.0, (t + 1) / (o.warmup_steps + 1))
@@ -89,21 +91,25 @@ def plain_update(cfg, model, batches) -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
                 optimizer.step()
                 steps += 1
+        with torch.no_grad():  # KL(pi_new || pi_ref) = E_old[(pi_new / pi_old) k3(pi_ref / pi_new)]
+            new = plain_logp(model, gens, temp)
+            ratio = ref - new
+            kl_after.append(((new - old).exp() * (ratio.exp() - 1 - ratio) * mask).sum().item() / mask.sum().item())
         if a.ref_update == "every_k" and steps - last_refresh >= a.ref_update_k:
             anchor.load_state_dict(model.state_dict())
             last_refresh = steps
+    return kl_after
 
 
-def trainer_update(cfg, model, batches) -> None:
+def trainer_update(cfg, model, batches) -> list[dict]:
     optimizer, scheduler = build_optimizer(cfg, model)
     a = cfg.algo
     anchor = frozen_copy(model) if needs_model(a.ref_update) else None
     reference = Reference(anchor, a.ref_update, a.ref_update_k, a.ref_kl_threshold, a.ref_kl_ema)
     learner = Learner(model, optimizer, scheduler, reference, cfg, LocalBackend(), torch.Generator().manual_seed(cfg.seed))
-    for batch in batches:
-        metrics = learner.step(batch)
-        assert metrics["train/advantage_abs_mean"] > 0
-    assert learner.optimizer_steps == 16
+    history = [learner.step(batch) for batch in batches]
+    assert all(m["train/advantage_abs_mean"] > 0 for m in history) and learner.optimizer_steps == 16
+    return history
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +123,9 @@ def trained(make_cfg, start, *overrides):
     model, batches = start
     cfg = make_cfg(*LOOP, *overrides)
     mine, plain = copy.deepcopy(model), copy.deepcopy(model)
-    trainer_update(cfg, mine, batches)
-    plain_update(cfg, plain, batches)
+    history = trainer_update(cfg, mine, batches)
+    kl_after = plain_update(cfg, plain, batches)
+    assert [m["kl/k3_iw_after_update"] for m in history] == pytest.approx(kl_after, rel=1e-9, abs=1e-15)
     return cfg, mine, plain
 
 
