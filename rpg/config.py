@@ -231,17 +231,36 @@ def check_ranges(cfg) -> None:
             raise ConfigError(f"data.eval_sets.{i}.k={e.k} is out of range: it must be >= 1 (samples per problem)")
 
 
+def check_unknown_keys(node, schema, where: str = "") -> None:
+    """Refuse a key no schema declares, in every group and at the top (a ``+key=value`` typo included)."""
+    import typing
+
+    valid = {f.name: f for f in fields(schema)}
+    unknown = sorted(set(node) - set(valid))
+    if unknown:
+        group = where.rstrip(".") or "the run config"
+        raise ConfigError(f"{group} has unknown keys {[where + k for k in unknown]}; valid keys: {sorted(valid)} "
+                          "(a misspelt key, or a '+' that added one)")
+    hints = typing.get_type_hints(schema)
+    for name, f in valid.items():
+        kind, value = hints[name], node.get(name)
+        if value is None:
+            continue
+        if hasattr(kind, "__dataclass_fields__"):
+            check_unknown_keys(value, kind, f"{where}{name}.")
+        elif typing.get_origin(kind) is list and hasattr(typing.get_args(kind)[0], "__dataclass_fields__"):
+            for i, item in enumerate(value):
+                check_unknown_keys(item, typing.get_args(kind)[0], f"{where}{name}.{i}.")
+
+
 def validate(cfg) -> None:
     """Fail before any work on combinations the schemas cannot express."""
     from rpg.core.advantages import ADVANTAGES, GROUP_ADVANTAGES
     from rpg.core.losses import POLICY_LOSSES
 
     check_ranges(cfg)
+    check_unknown_keys(cfg, RunConfig)
     a, r, u = cfg.algo, cfg.rollout, cfg.ppo
-    for group, schema in (("algo", AlgoConfig), ("model", ModelConfig), ("data", DataConfig), ("engine", EngineConfig)):
-        unknown = set(cfg[group]) - {f.name for f in fields(schema)}
-        if unknown:
-            raise ConfigError(f"{group} has unknown keys {sorted(unknown)}; valid keys: {sorted(f.name for f in fields(schema))}")
     if a.loss not in POLICY_LOSSES:
         raise ConfigError(f"algo.loss={a.loss!r} is not a policy loss; use one of {sorted(POLICY_LOSSES)}")
     if a.advantage not in ADVANTAGES:

@@ -148,6 +148,11 @@ def test_non_finite_loss_stops_the_run_and_marks_it_failed(make_cfg, tmp_path):
     ("engine.logprob_chunk=0", r"engine.logprob_chunk=0 is out of range"),
     ("seed=-1", r"seed=-1 is out of range"),
     ("algo.kl_coef=-0.1", r"algo.kl_coef=-0.1 is out of range: it must be >= 0"),
+    ("+stepz=3", r"the run config has unknown keys \['stepz'\]; valid keys: \[.*'steps'"),
+    ("+optim.lrr=1e-4", r"optim has unknown keys \['optim.lrr'\]; valid keys: \[.*'lr'"),
+    ("+rollout.temprature=0.5", r"rollout has unknown keys \['rollout.temprature'\]"),
+    ("+new_key=1", r"unknown keys \['new_key'\]"),
+    ("+data.eval_sets.0.kk=1", r"data.eval_sets.0 has unknown keys \['data.eval_sets.0.kk'\]"),
     ("ppo.micro_batch_size=3", r"ppo.micro_batch_size=3 must divide ppo.mini_batch_size=16"),
     ("algo=dapo algo.kl_coef=0.1", r"algo.loss=dapo with algo.kl_coef=0.1 needs algo.kl_estimator"),
     ("data.toy_seed=3", r"model.warm_start.split_seed=0 splits the toy problems differently .* set "
