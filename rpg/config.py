@@ -199,67 +199,15 @@ class ConfigError(ValueError):
     """A configuration that composes but cannot run; the message says what to set."""
 
 
-#: Declared valid ranges of numeric settings: key -> (test, what the range is).
-RANGES = {
-    "optim.lr": (lambda v: v > 0, "> 0"),
-    "optim.grad_clip": (lambda v: v > 0, "> 0 (the max gradient norm; a huge value turns clipping off)"),
-    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
-    "optim.warmup_steps": (lambda v: v >= 0, ">= 0 (RL steps)"),
-    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1), e.g. [0.9,0.999]"),
-    "algo.kl_coef": (lambda v: v >= 0, ">= 0 (beta; 0 turns the KL term off)"),
-    "data.kl_coef": (lambda v: v >= 0, ">= 0 (beta; 0 turns the KL term off)"),
-    "rollout.temperature": (lambda v: v > 0, "> 0 (sampling at temperature 0 has no log-probability to train on)"),
-    "rollout.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "ppo.epochs": (lambda v: v >= 1, ">= 1"),
-    "ppo.mini_batch_size": (lambda v: v >= 1, ">= 1 (responses per optimizer step)"),
-    "ppo.micro_batch_size": (lambda v: v >= 1, ">= 1 (responses per forward)"),
-    "save_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
-    "seed": (lambda v: v >= 0, ">= 0"),
-    "data.max_response_len": (lambda v: v >= 1, ">= 1 (tokens)"),
-    "engine.logprob_chunk": (lambda v: v >= 1, ">= 1 (tokens per chunk)"),
-}
-
-
-def check_ranges(cfg) -> None:
-    """Refuse a value outside its declared range, naming the key, the value and the range."""
-    for key, (ok, valid) in RANGES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and not ok(value):
-            raise ConfigError(f"{key}={value} is out of range: it must be {valid}")
-    for i, e in enumerate(cfg.data.eval_sets):
-        if e.k < 1:
-            raise ConfigError(f"data.eval_sets.{i}.k={e.k} is out of range: it must be >= 1 (samples per problem)")
-
-
-def check_unknown_keys(node, schema, where: str = "") -> None:
-    """Refuse a key no schema declares, in every group and at the top (a ``+key=value`` typo included)."""
-    import typing
-
-    valid = {f.name: f for f in fields(schema)}
-    unknown = sorted(set(node) - set(valid))
-    if unknown:
-        group = where.rstrip(".") or "the run config"
-        raise ConfigError(f"{group} has unknown keys {[where + k for k in unknown]}; valid keys: {sorted(valid)} "
-                          "(a misspelt key, or a '+' that added one)")
-    hints = typing.get_type_hints(schema)
-    for name, f in valid.items():
-        kind, value = hints[name], node.get(name)
-        if value is None:
-            continue
-        if hasattr(kind, "__dataclass_fields__"):
-            check_unknown_keys(value, kind, f"{where}{name}.")
-        elif typing.get_origin(kind) is list and hasattr(typing.get_args(kind)[0], "__dataclass_fields__"):
-            for i, item in enumerate(value):
-                check_unknown_keys(item, typing.get_args(kind)[0], f"{where}{name}.{i}.")
-
-
 def validate(cfg) -> None:
     """Fail before any work on combinations the schemas cannot express."""
     from rpg.core.advantages import ADVANTAGES, GROUP_ADVANTAGES
     from rpg.core.losses import POLICY_LOSSES
 
-    check_ranges(cfg)
+    from rpg.config_ranges import check_ranges, check_unknown_keys
+
     check_unknown_keys(cfg, RunConfig)
+    check_ranges(cfg)
     a, r, u = cfg.algo, cfg.rollout, cfg.ppo
     if a.loss not in POLICY_LOSSES:
         raise ConfigError(f"algo.loss={a.loss!r} is not a policy loss; use one of {sorted(POLICY_LOSSES)}")
@@ -269,11 +217,7 @@ def validate(cfg) -> None:
         loss_params(a)
     except ValueError as e:
         raise ConfigError(f"algo: {e}") from None
-    if a.ref_update not in REF_UPDATES:
-        raise ConfigError(f"algo.ref_update={a.ref_update!r}; use one of {REF_UPDATES}")
     batch = r.prompts_per_step * r.samples_per_prompt
-    if r.prompts_per_step < 1 or r.samples_per_prompt < 1:
-        raise ConfigError("rollout.prompts_per_step and rollout.samples_per_prompt must be >= 1")
     if batch % u.mini_batch_size:
         raise ConfigError(f"ppo.mini_batch_size={u.mini_batch_size} must divide the batch "
                           f"rollout.prompts_per_step x rollout.samples_per_prompt = {batch}")
@@ -288,20 +232,10 @@ def validate(cfg) -> None:
     if a.loss in ESTIMATOR_LOSSES and a.kl_coef > 0 and not a.kl_estimator:
         raise ConfigError(f"algo.loss={a.loss} with algo.kl_coef={a.kl_coef} needs algo.kl_estimator (k1, k2 or "
                           "k3) for its KL term; or set algo.kl_coef=0")
-    if not 0.0 <= a.overlong_buffer_frac < 1.0:
-        raise ConfigError(f"algo.overlong_buffer_frac={a.overlong_buffer_frac} must be in [0, 1)")
-    if cfg.steps < 0 or cfg.eval_every < 0:
-        raise ConfigError("steps and eval_every must be >= 0")
-    if cfg.resume not in ("auto", "never"):
-        raise ConfigError(f"resume={cfg.resume!r}; use auto or never")
     if cfg.model.kind == "pretrained" and not cfg.model.path:
         raise ConfigError(f"model {cfg.model.name}: set model.path=/path/to/local/checkpoint "
                           "(a directory with config.json and weights; nothing is downloaded at run time)")
     e = cfg.engine
-    if e.rollout not in ("hf", "vllm"):
-        raise ConfigError(f"engine.rollout={e.rollout!r}; use hf or vllm")
-    if e.backend not in ("local", "fsdp"):
-        raise ConfigError(f"engine.backend={e.backend!r}; use local (one process) or fsdp (torchrun / SLURM tasks)")
     if e.ranks_per_node is not None and (e.ranks_per_node < 1 or (e.num_gpus and e.ranks_per_node != e.num_gpus)):
         raise ConfigError(f"engine.ranks_per_node={e.ranks_per_node}: use one rank per GPU (engine.num_gpus="
                           f"{e.num_gpus}), or null")
@@ -311,9 +245,6 @@ def validate(cfg) -> None:
                               "engine.rollout=vllm and a cap > 0 (typical 2.0), or set rollout.tis_cap=null")
         if a.level != "token" or a.agg == "seq-mean":
             raise ConfigError("rollout.tis_cap weights tokens: it needs algo.level=token and a token aggregation")
-    for key in ("dtype", "param_dtype"):
-        if e[key] not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"engine.{key}={e[key]!r}; use float32, bfloat16 or float16")
 
 
 def loss_params(algo):

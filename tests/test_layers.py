@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: bottom to top; a module not listed fails the test (place it in a layer)
 LAYERS = [
     ("pure math and rollout engines", ["rpg.core", "rpg.rollout"]),
-    ("config: schemas, validation, constants", ["rpg.config", "rpg.mechanisms"]),
     ("rewards", ["rpg.rewards"]),
+    ("config: schemas, validation, constants", ["rpg.config", "rpg.config_ranges", "rpg.mechanisms"]),
     ("data", ["rpg.data", "rpg.toy_task"]),
     ("tracking and run identity", ["rpg.tracking", "rpg.tracking_base", "rpg.tracking_store", "rpg.tracking_server",
                                    "rpg.run_meta"]),
