@@ -79,11 +79,7 @@ def policy_update(model, optimizer, batch: RolloutBatch, loss_fn: Callable, para
                 out = loss_fn(logp, micro.old_logp, micro.ref_logp, micro.advantages,
                               micro.response_mask.float(), params, totals, token_weights=micro.token_weights)
                 if not backend.all_finite(bool(torch.isfinite(out.loss))):
-                    raise NonFiniteLossError(
-                        f"loss is {out.loss.item()} at optimizer step {steps}; metrics: "
-                        f"{ {k: round(v.item(), 4) for k, v in out.metrics.items()} }; advantages finite: "
-                        f"{bool(torch.isfinite(micro.advantages).all())}. Check the reward function, lower "
-                        "optim.lr, tighten clipping (algo.clip_low/clip_high) or use algo.level=token.")
+                    raise NonFiniteLossError(non_finite_message(out, micro, steps, optimizer, temperature))
                 out.loss.backward()
                 tokens = float(micro.response_mask.sum())
                 samples = tokens if params.level == "token" else float(micro.response_mask.any(-1).sum())
@@ -104,6 +100,23 @@ def policy_update(model, optimizer, batch: RolloutBatch, loss_fn: Callable, para
     metrics["optim/steps"] = steps
     metrics["optim/lr"] = optimizer.param_groups[0]["lr"]
     return metrics
+
+
+def non_finite_message(out, micro: RolloutBatch, steps: int, optimizer, temperature: float) -> str:
+    """Why a loss is nan/inf, as far as the batch tells: the rewards, the sampling, or a diverged update."""
+    lr = optimizer.param_groups[0]["lr"]
+    metrics = {k: round(float(v), 4) for k, v in out.metrics.items()}
+    if not bool(torch.isfinite(micro.advantages).all()):
+        cause = "the advantages are not finite: the reward function (data.reward) returned nan/inf"
+    elif not bool(torch.isfinite(micro.old_logp[micro.response_mask.bool()]).all()):
+        cause = (f"the sampling policy's log-probabilities are not finite (rollout.temperature={temperature}): "
+                 "the weights diverged in an earlier step; lower optim.lr")
+    elif steps > 0:
+        cause = f"the policy diverged within this RL step's {steps} optimizer steps: lower optim.lr (now {lr:g})"
+    else:
+        cause = (f"the loss is not finite at the sampling parameters: lower optim.lr (now {lr:g}), or use "
+                 "algo.level=token (sequence-level ratios overflow first)")
+    return f"loss is {out.loss.item()} at optimizer step {steps}; {cause}. Loss metrics: {metrics}"
 
 
 def _accumulate(sums: dict, weights: dict, metrics: dict, tokens: float, samples: float) -> None:

@@ -116,13 +116,25 @@ def test_non_finite_loss_stops_the_run_and_marks_it_failed(make_cfg, tmp_path):
     if "nan_reward" not in REWARDS:
         REWARDS.register("nan_reward")(lambda response, truth: {"score": float("nan"), "acc": False})
     cfg = make_cfg("data.reward=nan_reward", "steps=3", tracking=True)
-    with pytest.raises(NonFiniteLossError, match="loss is nan.*advantages finite: False"):
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan .* the reward function \(data.reward\) returned nan"):
         run(cfg)
     mlflow.set_tracking_uri(cfg.tracking.uri)
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
     artifacts = [f.path for f in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)]
     assert "traceback.txt" in artifacts
+
+
+def test_a_diverging_learning_rate_is_named(make_cfg):
+    # lr 1e10 blows the weights up within an RL step (8 optimizer steps each): a later loss is nan
+    cfg = make_cfg("optim.lr=1e10", "ppo.mini_batch_size=2", "ppo.micro_batch_size=2", "steps=3", "eval_every=0",
+                   tracking=True)
+    with pytest.raises(NonFiniteLossError, match=r"diverged within this RL step's \d+ optimizer steps: lower "
+                                                 r"optim.lr \(now 1e\+10\)"):
+        run(cfg)
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 @pytest.mark.parametrize("override, message", [
