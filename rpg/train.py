@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import logging
 import time
 import traceback
@@ -51,6 +52,19 @@ def loggable_config(cfg) -> dict:
     return resolved
 
 
+def writable_dir(path: Path) -> Path:
+    """``path``, created, once a file could be written in it: refused before any run or checkpoint exists."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"out_dir={path} cannot be written ({exc.strerror or exc}): set out_dir to a writable "
+                          "folder") from None
+    return path
+
+
 def run_summary(name: str, first: dict, last: dict, steps: int, out_dir: Path, run_id: str | None,
                 store: str | None) -> str:
     """What a finished run found and where it is: held-out accuracy at the first and last evaluation
@@ -86,8 +100,7 @@ def run(cfg) -> dict[str, float]:
     backend = make_backend(cfg)
     for note in inert_mechanisms(cfg) if backend.is_main else []:
         log.warning("%s", note)
-    out_dir = Path(backend.broadcast(str(Path(cfg.out_dir or Path.cwd()).resolve())))  # rank 0's directory
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = writable_dir(Path(backend.broadcast(str(Path(cfg.out_dir or Path.cwd()).resolve()))))  # rank 0's
     ckpt_dir = out_dir / "checkpoints"
     torch.manual_seed(cfg.seed)
     if cfg.engine.torch_threads:

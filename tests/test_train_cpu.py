@@ -180,6 +180,14 @@ def test_inconsistent_config_fails_before_work(make_cfg, override, message, tmp_
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_an_unwritable_out_dir_is_refused_before_work(make_cfg, tmp_path):
+    (tmp_path / "a_file").write_text("")  # a folder cannot be made under a file, whoever runs the test
+    cfg = make_cfg(tracking=True, out_dir=tmp_path / "a_file" / "run")
+    with pytest.raises(ConfigError, match=r"out_dir=.*a_file/run cannot be written .*: set out_dir to a writable"):
+        run(cfg)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_unknown_names_fail_at_composition(make_cfg):
     with pytest.raises(MissingConfigException, match="rpg_nope"):
         make_cfg("algo=rpg_nope")
