@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from rpg.tracking_base import RunInfo, TrackingError, redact, resolve_tracking_uri
 
 METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
-_CREATED: set[str] = set()  # sqlite stores this process has created or checked under the lock
+_CREATED: set[str] = set()  # stores this process has opened (sqlite: created under the lock; servers: reached)
 
 
 def is_permanent(exc: BaseException) -> bool:
@@ -46,12 +46,36 @@ def retry(fn, timeout_s: float, what: str):
             delay = min(2 * delay, 5.0)
 
 
+def check_reachable(uri: str, attempts: int = 3, timeout_s: float = 2.0) -> None:
+    """A tracking server's address must accept connections, or the run stops in seconds (MLflow's own
+    retries took 88 s to give up on a closed port) with what to set."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    for attempt in range(attempts):
+        try:
+            socket.create_connection(address, timeout=timeout_s).close()
+            return
+        except OSError as exc:
+            error = exc
+            time.sleep(0.5 * (attempt + 1))
+    raise TrackingError(f"no tracking server answers at {redact(uri)} ({error}): start one "
+                        "(`python -m rpg.tracking_server`), or set tracking.uri / MLFLOW_TRACKING_URI to a "
+                        "reachable server or to sqlite:///ABS/PATH/mlflow.db")
+
+
 def open_store(uri: str) -> MlflowClient:
-    """A client of ``uri``; a sqlite store is created (or migrated) under an exclusive file lock.
+    """A client of ``uri``; a server must be reachable; a sqlite store is created (or migrated) under an
+    exclusive file lock.
 
     MLflow creates its schema on first use; several processes doing that at once on a new file (a
     parallel sweep) broke the store for good (measured: 1 of 4 runs started together survived).
     """
+    if uri.startswith(("http://", "https://")) and uri not in _CREATED:
+        check_reachable(uri)
+        _CREATED.add(uri)
     if not uri.startswith("sqlite:///") or uri in _CREATED:
         return MlflowClient(tracking_uri=uri)
     path = Path(uri[len("sqlite:///"):])

@@ -274,3 +274,20 @@ def test_training_sweeps_and_analysis_find_the_same_store(make_cfg, tmp_path, mo
             want = uri or env or f"sqlite:///{tmp_path / 'mlflow.db'}"
             want = want.replace("sqlite:///relative.db", f"sqlite:///{tmp_path / 'relative.db'}")
             assert tracking_uri(cfg) == _tracking([config])[0] == resolve_uri(cfg.tracking.uri) == want
+
+
+def test_an_unreachable_server_fails_in_seconds_with_the_fix(tmp_path):
+    import socket
+    import time
+
+    from rpg.tracking_base import TrackingError
+    from rpg.tracking_store import open_store
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.perf_counter()
+    with pytest.raises(TrackingError, match=rf"no tracking server answers at http://u:\*\*\*@127.0.0.1:{port} .*"
+                                            r"start one \(`python -m rpg.tracking_server`\)"):
+        open_store(f"http://u:secret@127.0.0.1:{port}")
+    assert time.perf_counter() - t < 10  # MLflow's own retries took 88 s
