@@ -77,12 +77,13 @@ def check_toy_split(cfg) -> None:
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Turn every dropout off, in every mode: old log-probs are scored in eval mode and the update runs in
     train mode, so with dropout w = pi_theta/pi_old would differ from 1 at identical weights (verl also
-    sets dropout to 0).  Covers nn.Dropout modules, attention modules' ``attention_dropout`` and the config."""
+    sets dropout to 0).  Covers nn.Dropout modules, float ``*dropout`` attributes of modules and the config."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+        for name, value in list(vars(module).items()):  # attention_dropout, dropout, ... used by F.dropout
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(module, name, 0.0)
     config = getattr(model, "config", None)
     for key in [k for k in vars(config) if "dropout" in k] if config is not None else []:
         if isinstance(getattr(config, key), float):

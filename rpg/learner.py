@@ -49,7 +49,9 @@ class Learner:
         self.params = loss_params(cfg.algo)
         self.optimizer_steps = 0
 
-    def step(self, batch) -> dict[str, float]:
+    def step(self, batch, kl_after_update: bool = False) -> dict[str, float]:
+        """One RL step on ``batch``; ``kl_after_update`` also scores the batch under the updated policy
+        (one more forward) for ``kl/k3_iw_after_update``."""
         cfg, gens = self.cfg, batch.gens
         mask = gens.response_mask.float()
         old_logp, entropy = score_logprobs(self.module, gens, cfg, self.backend, with_entropy=True)
@@ -68,11 +70,10 @@ class Learner:
         self.scheduler.step()  # once per RL step: optim.warmup_steps counts RL steps, as the paper's
         self.optimizer_steps += int(metrics.pop("optim/steps"))
         tokens = mask.sum().item()
-        # where the update left the policy: KL(pi_new || pi_ref) on the batch, importance-weighted (the tokens
-        # came from pi_old), before the reference schedule may move the anchor
-        new_logp, _ = score_logprobs(self.module, gens, cfg, self.backend)
-        w_new = torch.exp((new_logp - old_logp).clamp(max=20.0))
-        metrics["kl/k3_iw_after_update"] = (w_new * k3(new_logp, ref_logp) * mask).sum().item() / tokens
+        if kl_after_update:  # KL(pi_new || pi_ref) on the batch, importance-weighted (tokens from pi_old),
+            new_logp, _ = score_logprobs(self.module, gens, cfg, self.backend)  # before the anchor may move
+            w_new = torch.exp((new_logp - old_logp).clamp(max=20.0))
+            metrics["kl/k3_iw_after_update"] = (w_new * k3(new_logp, ref_logp) * mask).sum().item() / tokens
         refreshed = self.reference.after_update(self.module, self.optimizer_steps, metrics.get("kl/k3", 0.0))
         metrics.update({"train/entropy": (entropy * mask).sum().item() / tokens,
                         "train/advantage_abs_mean": advantages.abs().mean().item(),

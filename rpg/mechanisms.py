@@ -36,7 +36,7 @@ def inert_mechanisms(cfg) -> list[str]:
     if a.kl_coef == 0 and a.ref_update != "every_step":
         notes.append(f"algo.ref_update={a.ref_update} keeps and scores a reference model, but algo.kl_coef=0: "
                      "nothing uses it; set algo.ref_update=every_step (no second model) or a kl_coef > 0")
-    if a.ref_update == "every_k" and a.ref_update_k > steps * cfg.steps:
+    if a.ref_update == "every_k" and cfg.steps and a.ref_update_k > steps * cfg.steps:
         notes.append(f"algo.ref_update_k={a.ref_update_k} optimizer steps exceeds the run's {steps * cfg.steps} "
                      "(steps x optimizer steps per RL step): the reference never refreshes; set a smaller algo.ref_update_k")
     if a.overlong_buffer_frac > 0 and a.overlong_penalty == 0:

@@ -43,19 +43,25 @@ def spawn_ranks(cfg, out_dir: Path, tracking_uri: str | None) -> dict[str, float
 
 def start(cfg) -> dict[str, float]:
     """Run ``cfg`` as this process, or as the ranks it needs; returns the final metrics."""
+    from rpg.build import check_toy_split
     from rpg.config import validate
-    from rpg.train import run, tracking_uri
+    from rpg.train import run, tracking_uri, writable_dir
 
     if cfg.engine.backend == "fsdp" and "RANK" not in os.environ:
-        validate(cfg)  # before any process is started
         if "SLURM_PROCID" in os.environ:  # SLURM tasks: torchrun's environment from SLURM's
             from rpg.launch import export_torch_distributed_env
 
             export_torch_distributed_env()
-        else:  # one command on one node
-            out_dir = Path(cfg.out_dir or Path.cwd()).resolve()
-            out_dir.mkdir(parents=True, exist_ok=True)
-            return spawn_ranks(cfg, out_dir, tracking_uri(cfg))
+        else:  # one command on one node: the checks of a run, once, before any process is started
+            validate(cfg)
+            check_toy_split(cfg)
+            out_dir = writable_dir(Path(cfg.out_dir or Path.cwd()).resolve())
+            # the ranks inherit $MLFLOW_TRACKING_URI: only a URI given in the config (or the default store
+            # of this launch directory) is written to their config file, so no password from the
+            # environment reaches the disk
+            uri = cfg.tracking.uri or (None if os.environ.get("MLFLOW_TRACKING_URI") or not cfg.tracking.enabled
+                                       else tracking_uri(cfg))
+            return spawn_ranks(cfg, out_dir, uri)
     return run(cfg)
 
 

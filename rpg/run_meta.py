@@ -25,6 +25,8 @@ def config_hash(cfg) -> str:
     d = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     for k in NON_SEMANTIC_KEYS:
         d.pop(k, None)
+    if isinstance(d.get("data"), dict):  # the task's beta acts only through the resolved algo.kl_coef
+        d["data"] = {k: v for k, v in d["data"].items() if k != "kl_coef"}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

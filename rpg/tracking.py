@@ -1,14 +1,10 @@
-"""Experiment tracking with MLflow: `MLflowTracker` (the `Tracker` protocol and `NullTracker` live in
-rpg/tracking_base.py, opening the store, retries and run queries in rpg/tracking_store.py; all are
-re-exported here).
-
-With rpg/tracking_store.py the only modules of the `rpg` package that import mlflow. `MLflowTracker`
-uses an `MlflowClient` with explicit run ids (no global active run), so several trackers can live in
-one process. Log lines pass a filter that removes any password of a URI.
-`log_metrics` only appends to a buffer; a background thread sends batches (`log_batch`), retries
-with exponential backoff while the store is unreachable and sends the backlog once it is back.
-Whatever is still unsent when `end()` gives up is written to `<output_dir>/unsent_metrics_<run_id>
-.jsonl`; send it later with `python -m rpg.tracking upload PATH`.
+"""Experiment tracking with MLflow: `MLflowTracker` (protocol, `NullTracker`, URI rule: rpg/tracking_base.py;
+opening the store, retries, run queries: rpg/tracking_store.py; re-exported here). With tracking_store
+the only importers of mlflow; explicit run ids, no global active run; log lines lose any URI password.
+`log_metrics` only appends to a buffer; a background thread sends batches, retrying with backoff while
+the store is down. `persist()` (each checkpoint) makes what was logged durable: sent, or appended to
+`<output_dir>/unsent_metrics_<run_id>.jsonl`, as is whatever `end()` could not send; a resumed run sends
+that file first (or: `python -m rpg.tracking upload PATH`).
 """
 
 from __future__ import annotations
@@ -136,16 +132,18 @@ class MLflowTracker:
         atexit.register(self._atexit)
         return run_id
 
-    def end(self, status: str = "FINISHED") -> None:
-        """Flush (waiting at most end_timeout_s), save what is left to disk, set the run status."""
+    def end(self, status: str = "FINISHED", timeout_s: float | None = None) -> None:
+        """Flush (waiting at most `timeout_s`, default end_timeout_s), save what is left to disk, set the
+        run status.  A killed run passes a few seconds: SLURM's grace after SIGTERM is 30 s."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
         if self._ended or self.run_id is None:
             return
         self._ended = True
         atexit.unregister(self._atexit)
-        deadline = time.monotonic() + self.end_timeout_s
-        self.flush(timeout_s=self.end_timeout_s)
+        wait = self.end_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + wait
+        self.flush(timeout_s=wait)
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
@@ -227,6 +225,38 @@ class MLflowTracker:
             self._cv.wait_for(lambda: not self._has_work() or thread is None or not thread.is_alive(),
                               self.end_timeout_s if timeout_s is None else timeout_s)
             return not self._has_work()
+
+    def persist(self, timeout_s: float = 2.0) -> None:
+        """Make everything logged so far durable (call it before each checkpoint, so that a SIGKILL after
+        the checkpoint loses nothing): sent to the store, or, if the store does not take it within
+        `timeout_s`, appended to the run folder's unsent-metrics file.  The sender keeps retrying the
+        batch it holds; the store ignores an exact duplicate, so uploading that file later is harmless."""
+        if self.run_id is None or self.flush(timeout_s=timeout_s):
+            return
+        with self._cv:
+            metrics = self._inflight + list(self._buf)
+            self._buf.clear()
+        if metrics:
+            path = self._write_unsent([_record(self.run_id, m) for m in metrics])
+            log.warning("tracking store %s unreachable at a checkpoint: %d metrics saved to %s (sent "
+                        "when the run resumes, or with: python -m rpg.tracking upload %s)",
+                        self.display_uri, len(metrics), path, path)
+
+    def logged_through(self, prefix: str) -> int:
+        """The last step by which the store holds every metric key of this run starting with `prefix`
+        (-1 if none): a resumed run does not log the steps it re-runs a second time."""
+        keys = [k for k in retry(lambda: self.client.get_run(self.run_id), self.start_timeout_s,
+                                 "reading the run").data.metrics if k.startswith(prefix)]
+        lasts = [max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1) for k in keys]
+        return min(lasts, default=-1)
+
+    def upload_unsent_files(self) -> int:
+        """Send the unsent-metrics files a previous attempt of this run left in its folder."""
+        sent = 0
+        for path in sorted(self.output_dir.glob(f"unsent_metrics_{self.run_id}.jsonl")):
+            sent += upload_unsent(path, self.tracking_uri)
+            log.info("sent %d metrics that an earlier attempt of run %s had saved to %s", sent, self.run_id, path)
+        return sent
 
     # ------------------------------------------------------------------ background sender
     def _has_work(self) -> bool:

@@ -53,6 +53,9 @@ def check_reachable(uri: str, attempts: int = 3, timeout_s: float = 2.0) -> None
     from urllib.parse import urlsplit
 
     parts = urlsplit(uri)
+    proxied = any(os.environ.get(k) for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"))
+    if not parts.hostname or proxied:  # through a proxy only MLflow's own requests can tell
+        return
     address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
     for attempt in range(attempts):
         try:

@@ -141,6 +141,7 @@ def run(cfg) -> dict[str, float]:
         run_id = (out_dir / "run_id.txt").read_text().strip()  # crashed before its first checkpoint
 
     tracker = MLflowTracker(tracking_uri(cfg), output_dir=out_dir) if cfg.tracking.enabled and backend.is_main else NullTracker()
+    logged = {"train": -1, "eval": -1}  # steps already in the store (a resumed run)
     if backend.is_main:
         sha, dirty = git_state()
         tags = {"algo": cfg.algo.name, "seed": cfg.seed, "model": cfg.model.name, "data": cfg.data.name,
@@ -148,7 +149,11 @@ def run(cfg) -> dict[str, float]:
                 "hydra_sweep_dir": str(out_dir.parent), "run_name": run_name(cfg), "out_dir": str(out_dir),
                 "world_size": backend.world_size}
         resolved = loggable_config(cfg)
+        resumed = run_id is not None
         run_id = tracker.start(cfg.tracking.experiment, run_name(cfg), resolved, tags, run_id=run_id)
+        if resumed:  # what an earlier attempt saved to disk goes first; the steps it logged are not re-logged
+            tracker.upload_unsent_files()
+            logged = {"train": tracker.logged_through("perf/"), "eval": tracker.logged_through("eval/")}
         (out_dir / "run_id.txt").write_text(run_id or "")
         tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
         tracker.log_text(json.dumps(info, indent=2), "policy_info.json")
@@ -157,8 +162,9 @@ def run(cfg) -> dict[str, float]:
         with torch.random.fork_rng():  # evaluation never changes the training random stream
             torch.manual_seed(cfg.seed * 7919 + step)
             metrics, details = evaluate_policy(engine, tokenizer, eval_sets, cfg, seed=cfg.seed)
-        tracker.log_metrics(metrics, step)
-        tracker.log_text("\n".join(json.dumps(d) for d in details), f"eval/step_{step:06d}.jsonl")
+        if step > logged["eval"]:
+            tracker.log_metrics(metrics, step)
+            tracker.log_text("\n".join(json.dumps(d) for d in details), f"eval/step_{step:06d}.jsonl")
         return metrics
 
     final: dict[str, float] = {}
@@ -176,7 +182,8 @@ def run(cfg) -> dict[str, float]:
             engine.sleep()  # vLLM on CUDA with engine.vllm_sleep: free its memory until the next sync
             t_rollout = time.perf_counter() - t0
             t1 = time.perf_counter()
-            metrics = learner.step(batch)
+            evaluating = bool(cfg.eval_every and eval_sets and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps))
+            metrics = learner.step(batch, kl_after_update=evaluating)  # perf/update_s: scoring + optimizer steps
             t_sync = time.perf_counter()
             sync_engine()
             t_end = time.perf_counter()
@@ -191,17 +198,19 @@ def run(cfg) -> dict[str, float]:
                 "perf/tokens_per_s": float(gens.attention_mask.sum()) / (t_end - t0),
             })
             done = step + 1
-            tracker.log_metrics(metrics, done)
+            if done > logged["train"]:
+                tracker.log_metrics(metrics, done)
             final.update(metrics)
-            if cfg.eval_every and eval_sets and (done % cfg.eval_every == 0 or done == cfg.steps):
+            if evaluating:
                 final.update(evaluate(done))  # logs its own metrics
             bar.set_postfix(acc=f"{metrics['train/acc']:.2f}", kl=f"{metrics.get('kl/k3', 0):.1e}")
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                tracker.persist()  # every metric so far is in the store or on disk before the checkpoint is
                 backend.save(ckpt_dir, done, {
                     **learner.state_dict(), "sampler": sampler.state_dict(), "rng": checkpoint.rng_state(),
                     "step": done, "run_id": run_id, "resume_key": resume_key(cfg)}, module, optimizer, ref_model)
     except (KeyboardInterrupt, Terminated, SystemExit):
-        tracker.end("KILLED")
+        tracker.end("KILLED", timeout_s=5.0)  # well inside SLURM's 30 s between SIGTERM and SIGKILL
         raise
     except BaseException:
         tracker.log_text(traceback.format_exc(), "traceback.txt")

@@ -79,3 +79,10 @@ def test_the_shipped_configs_are_in_range(make_cfg):
     validate(make_cfg())  # the default, and each algorithm
     for algo in ("grpo", "dapo", "reinforce_pp", "rpg_fkl"):
         validate(make_cfg(f"algo={algo}"))
+
+
+def test_every_numeric_eval_set_setting_has_a_range():
+    from rpg.config import EvalSetConfig
+
+    numeric = {k for k, kind in leaf_fields(EvalSetConfig) if base(kind) in (int, float)}
+    assert numeric == set(EVAL_SET_RANGES)

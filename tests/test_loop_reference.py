@@ -107,7 +107,7 @@ def trainer_update(cfg, model, batches) -> list[dict]:
     anchor = frozen_copy(model) if needs_model(a.ref_update) else None
     reference = Reference(anchor, a.ref_update, a.ref_update_k, a.ref_kl_threshold, a.ref_kl_ema)
     learner = Learner(model, optimizer, scheduler, reference, cfg, LocalBackend(), torch.Generator().manual_seed(cfg.seed))
-    history = [learner.step(batch) for batch in batches]
+    history = [learner.step(batch, kl_after_update=True) for batch in batches]
     assert all(m["train/advantage_abs_mean"] > 0 for m in history) and learner.optimizer_steps == 16
     return history
 

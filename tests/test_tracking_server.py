@@ -66,20 +66,27 @@ def test_outage_mid_run_loses_nothing(tmp_path):
         # a second run whose end() comes while the server is down: it must save, not lose
         quitter = MLflowTracker(url, output_dir=tmp_path / "b", flush_interval_s=0.1,
                                 end_timeout_s=1.0)
+        # a third run checkpoints while the server is down and is then SIGKILLed: persist() must have put
+        # everything on disk, and its resumed attempt sends it
+        keeper = MLflowTracker(url, output_dir=tmp_path / "c", flush_interval_s=0.1)
         run_id = tracker.start("exp_outage", "survivor", {"algo": {"name": "grpo"}},
                                {"config_hash": "o1"})
         quit_id = quitter.start("exp_outage", "quitter", {"seed": 2}, {"config_hash": "o2"})
+        keep_id = keeper.start("exp_outage", "keeper", {"seed": 3}, {"config_hash": "o3"})
         tracker.log_text("over http", "notes.txt")
 
         def log_step(step):
             t = time.monotonic()
             tracker.log_metrics({"train/acc": step / 16, "loss/total": 1.0 / (step + 1)}, step)
             quitter.log_metrics({"train/acc": step / 32}, step)
+            keeper.log_metrics({"train/acc": step / 64}, step)
             return time.monotonic() - t
 
         for step in range(5):
             log_step(step)
         assert tracker.flush(timeout_s=30) and quitter.flush(timeout_s=30)
+        keeper.persist()  # the store is up: everything is sent, nothing written
+        assert not list((tmp_path / "c").glob("unsent_*"))
 
         os.killpg(server.pid, signal.SIGKILL)  # the server dies mid-run
         server.proc.wait(timeout=10)
@@ -101,6 +108,16 @@ def test_outage_mid_run_loses_nothing(tmp_path):
         records = [json.loads(line) for line in unsent.read_text().splitlines()]
         assert {r["step"] for r in records if "key" in r} == set(range(5, 15))
         assert [r["status"] for r in records if "status" in r] == ["FAILED"]
+        t0 = time.monotonic()
+        keeper.persist(timeout_s=1.0)  # a checkpoint while the server is down
+        assert time.monotonic() - t0 < 3.0
+        kept = tmp_path / "c" / f"unsent_metrics_{keep_id}.jsonl"
+        assert {json.loads(line)["step"] for line in kept.read_text().splitlines()} == set(range(5, 15))
+        with keeper._cv:  # then SIGKILL: no end(), no more sending
+            keeper._stopping = True
+            keeper._cv.notify_all()
+        import atexit
+        atexit.unregister(keeper._atexit)
 
         # restart through the CLI wrapper, same port and store; it publishes its address
         t0 = time.monotonic()
@@ -115,11 +132,16 @@ def test_outage_mid_run_loses_nothing(tmp_path):
               f"{end_wait:.2f} s; backlog sent {time.monotonic() - t0:.2f} s after restart")
         tracker.end("FINISHED")
         assert upload_unsent(unsent, url) == 10
+        resumed = MLflowTracker(url, output_dir=tmp_path / "c")
+        resumed.start("exp_outage", "keeper", {"seed": 3}, {"config_hash": "o3"}, run_id=keep_id)
+        assert resumed.upload_unsent_files() == 10 and resumed.logged_through("train/") == 14
+        resumed.end("FINISHED")
 
         client = MlflowClient(url)
         assert history(client, run_id, "train/acc") == [(s, s / 16) for s in range(15)]
         assert history(client, run_id, "loss/total") == [(s, 1.0 / (s + 1)) for s in range(15)]
         assert history(client, quit_id, "train/acc") == [(s, s / 32) for s in range(15)]
+        assert history(client, keep_id, "train/acc") == [(s, s / 64) for s in range(15)]  # each step once
         assert client.get_run(run_id).info.status == "FINISHED"
         assert client.get_run(run_id).data.params == {"algo.name": "grpo"}
         assert client.get_run(quit_id).info.status == "FAILED"

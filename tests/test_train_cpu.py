@@ -260,6 +260,46 @@ def test_killed_run_resumes_to_the_same_result(make_cfg, tmp_path, fast_override
     assert sorted(hb["train/acc"]) == [1, 2, 3, 4, 5]
 
 
+def raw_histories(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every logged (step, value) per metric, duplicates included, leaving out wall-clock timings."""
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            for key in client.get_run(run_id).data.metrics if not key.startswith("perf/")}
+
+
+@pytest.mark.kernels
+def test_a_sigkilled_run_resumed_has_every_metric_exactly_once(make_cfg, tmp_path, fast_overrides):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps = ["steps=6", "eval_every=2"]
+    straight = make_cfg(*steps, out_dir=tmp_path / "straight", tracking=True)
+    run(straight)
+    killed_dir = tmp_path / "killed"
+    cfg = make_cfg(*steps, out_dir=killed_dir, tracking=True)
+    proc = subprocess.Popen([sys.executable, "-m", "rpg.main", *fast_overrides, *steps, f"out_dir={killed_dir}",
+                             f"tracking.uri={cfg.tracking.uri}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (killed_dir / "checkpoints" / "step_3.pt").exists():  # three checkpoints written
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "the run never reached step 3"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: only what was durable survives
+    proc.wait(timeout=60)
+    run_id = (killed_dir / "run_id.txt").read_text().strip()
+    run(cfg)  # resumes the same MLflow run from the last checkpoint
+    straight_id = (tmp_path / "straight" / "run_id.txt").read_text().strip()
+    want, got = raw_histories(cfg.tracking.uri, straight_id), raw_histories(cfg.tracking.uri, run_id)
+    assert want.keys() == got.keys()
+    for key in want:
+        assert [s for s, _ in got[key]] == [s for s, _ in want[key]], key  # every step once, none twice
+        assert [v for _, v in got[key]] == pytest.approx([v for _, v in want[key]], rel=1e-6, abs=1e-9), key
+    assert [s for s, _ in got["train/acc"]] == [1, 2, 3, 4, 5, 6]
+
+
 def test_resume_refuses_checkpoints_of_another_config(make_cfg, tmp_path):
     from rpg.config import ConfigError
 

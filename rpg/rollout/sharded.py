@@ -17,7 +17,10 @@ class ShardedEngine:
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> Generations:
         mine = self.backend.local_share(prompt_token_ids)
-        parts = self.backend.all_gather_object(self.engine.generate(mine, sampling) if mine else None)
+        first = self.backend.local_share(list(range(len(prompt_token_ids))))[:1]
+        # engines that seed by row (vLLM) are told where this share starts, so ranks never share a seed
+        extra = {"first_row": first[0]} if first and getattr(self.engine, "seeds_by_row", False) else {}
+        parts = self.backend.all_gather_object(self.engine.generate(mine, sampling, **extra) if mine else None)
         return concat_generations([g for g in parts if g is not None])
 
     def sync_weights(self, weights) -> None:

@@ -98,6 +98,8 @@ class VLLMEngine:
     (with top_p < 1 they are renormalised over the nucleus; greedy, temperature 0, gives temperature-1 ones).
     """
 
+    seeds_by_row = True  # generate(..., first_row=) keeps a rank's share's seeds apart from the others'
+
     def __init__(self, model, tokenizer, *, model_path: str | None = None, dtype: str | None = None,
                  gpu_memory_utilization: float = 0.5, kv_cache_memory_bytes: int | None = None,
                  enforce_eager: bool | None = None, enable_sleep_mode: bool = False, sleep_level: int = 1,
@@ -156,18 +158,20 @@ class VLLMEngine:
 
     # -- generation ------------------------------------------------------------------------------
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> Generations:
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams, first_row: int = 0) -> Generations:
+        """``first_row``: the index of the first prompt in the whole batch (a rank's share starts later)."""
         if self._asleep:
             raise RuntimeError("the vLLM engine is asleep: call wake_up() (or sync_weights) before generate")
         tok = self.tokenizer
         n = 1 if sampling.temperature == 0 else sampling.n  # vLLM wants n = 1 for greedy: repeat prompts
         requests = [{"prompt_token_ids": list(p)} for p in prompt_token_ids for _ in range(sampling.n // n)]
-        # one seed per request, drawn from torch's stream, which checkpoints save and restore: a resumed
-        # run samples what the uninterrupted one would have, whatever the engine did before
+        # seeds from torch's stream, which checkpoints save and restore: a resumed run samples what the
+        # uninterrupted one would have, whatever the engine did before. vLLM seeds sample j of a request
+        # seeded s with s + j, so prompt r of the whole batch gets base + r * n: no two samples share one
         base = int(torch.randint(0, _SEED_RANGE, (1,)).item())
         params = [VSamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
                                   max_tokens=sampling.max_new_tokens, logprobs=0, detokenize=False,
-                                  stop_token_ids=[tok.eos_token_id], seed=(base + i) % _SEED_RANGE)
+                                  stop_token_ids=[tok.eos_token_id], seed=(base + (first_row + i) * n) % _SEED_RANGE)
                   for i in range(len(requests))]
         outs = self.llm.generate(requests, params, use_tqdm=False)
         rows, logps = [], []

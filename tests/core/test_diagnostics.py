@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rpg.core.losses import POLICY_LOSSES, LossParams
-from tests.core.helpers import F64, LOSS_NAMES
+from .helpers import F64, LOSS_NAMES
 
 CLIPPED = dict(clip_low=0.2, clip_high=0.28, dual_clip_c=3.0, level="token", agg="token-mean")
 

@@ -1,5 +1,6 @@
 """FSDP ranks started as SLURM tasks: two tasks of one job join one process group from their SLURM
-environment (rpg.backend.fsdp.init_distributed via submitit), as the GPU path starts one task per GPU;
+environment (translated to torchrun's as rpg.ranks.start does, then rpg.backend.fsdp.init_distributed), as
+the GPU path starts one task per GPU;
 and a whole FSDP training run launched with hydra/launcher=slurm as one job of two tasks."""
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ def join_and_reduce() -> tuple[int, int, float, str]:
     import torch.distributed as dist
 
     from rpg.backend.fsdp import init_distributed
+    from rpg.launch import export_torch_distributed_env
 
+    export_torch_distributed_env()  # what rpg.ranks.start does in a SLURM task before the trainer joins
     init_distributed("cpu", timeout_s=60)
     t = torch.tensor([float(dist.get_rank() + 1)])
     dist.all_reduce(t)

@@ -51,6 +51,10 @@ def main(spec_path: str, out_path: str) -> None:
             engine.generate(long, sample)  # whatever the engine sampled before must not matter
             torch.manual_seed(seed)  # torch's stream seeds each request
             out[name] = as_dict(engine.generate(rows, sample))
+        torch.manual_seed(7)
+        out["seeded_share"] = as_dict(engine.generate(prompts[1:2], sample, first_row=1))  # a rank's share
+        torch.manual_seed(7)
+        out["seeded_twice"] = as_dict(engine.generate([prompts[0], prompts[0]], sample))  # one prompt, 2 rows
         out["long_a"] = as_dict(engine.generate(long, sample))  # fills the prefix cache with A's KV
         timing["pushed_tensors"] = engine.push_weights(model_c)  # C's weights, but no prefix-cache reset
         out["long_stale"] = as_dict(engine.generate(long, sample))

@@ -123,6 +123,13 @@ def test_sampling_follows_torchs_random_stream(run):
     first_two = 2 * SPEC["n"]
     assert out["seeded_1"]["texts"][:first_two] == out["seeded_2"]["texts"]
     assert out["seeded_1"]["texts"] != out["seeded_3"]["texts"]
+    n = SPEC["n"]
+    # a rank whose share starts at prompt 1 samples what one engine sampling everything did for prompt 1
+    assert out["seeded_share"]["texts"] == out["seeded_1"]["texts"][n:2 * n]
+    # no two samples share a seed: with seed s + j for sample j of a request seeded s, consecutive
+    # requests seeded s and s + 1 would repeat each other's samples shifted by one
+    twice = out["seeded_twice"]["texts"]
+    assert not any(twice[j] == twice[n + j - 1] for j in range(1, n)), twice
 
 
 def test_sampler_logp_matches_hf_at_temperature(run):
