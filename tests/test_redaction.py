@@ -27,12 +27,11 @@ def test_redact(text, expected):
 
 
 def test_unreachable_store_error_names_the_store_without_its_password(caplog):
-    tracker = MLflowTracker(URI, start_timeout_s=0.5)
-    assert tracker.display_uri == "http://alice:***@127.0.0.1:9"
-    with caplog.at_level(logging.DEBUG), pytest.raises(TrackingError) as err:
-        tracker.start("exp", "run", {}, {})
+    with caplog.at_level(logging.DEBUG), pytest.raises(TrackingError) as err:  # refused when opened
+        MLflowTracker(URI, start_timeout_s=0.5).start("exp", "run", {}, {})
     assert "alice:***@127.0.0.1:9" in str(err.value) and "s3cret" not in str(err.value)
-    assert err.value.__cause__ is None and err.value.__suppress_context__  # the chained error quotes the URI
+    # no chained error that would quote the URI
+    assert err.value.__cause__ is None and (err.value.__suppress_context__ or err.value.__context__ is None)
     assert "s3cret" not in caplog.text
 
 
