@@ -214,13 +214,27 @@ def run_history(cfg) -> dict[str, dict[int, float]]:
     return metric_histories(cfg.tracking.uri, (Path(cfg.out_dir) / "run_id.txt").read_text().strip())
 
 
-@pytest.mark.kernels
-def test_killed_run_resumes_to_the_same_result(make_cfg, tmp_path, fast_overrides):
-    import os
-    import signal
+def run_until_checkpoint(cfg, overrides: list[str], tmp_path: Path, step: int):
+    """``python -m rpg.main`` of ``cfg`` in a process of its own, returned once its step-``step`` checkpoint
+    exists (and it is still running)."""
     import subprocess
     import sys
     import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "rpg.main", *overrides, f"out_dir={cfg.out_dir}",
+                             f"tracking.uri={cfg.tracking.uri}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (Path(cfg.out_dir) / "checkpoints" / f"step_{step}.pt").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, f"the run never reached step {step}"
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.kernels
+def test_killed_run_resumes_to_the_same_result(make_cfg, tmp_path, fast_overrides):
+    import signal
 
     steps = ["steps=5", "eval_every=2"]
     straight = make_cfg(*steps, out_dir=tmp_path / "straight", tracking=True)
@@ -228,15 +242,7 @@ def test_killed_run_resumes_to_the_same_result(make_cfg, tmp_path, fast_override
 
     killed_dir = tmp_path / "killed"
     cfg = make_cfg(*steps, out_dir=killed_dir, tracking=True)
-    overrides = fast_overrides + steps + [f"out_dir={killed_dir}", f"tracking.uri={cfg.tracking.uri}",
-                                f"hydra.run.dir={tmp_path / 'hydra'}"]
-    proc = subprocess.Popen([sys.executable, "-m", "rpg.main", *overrides], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (killed_dir / "checkpoints" / "step_2.pt").exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline, "the run never reached step 2"
-        time.sleep(0.2)
+    proc = run_until_checkpoint(cfg, fast_overrides + steps, tmp_path, step=2)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     assert proc.returncode != 0
@@ -270,23 +276,13 @@ def raw_histories(uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
 @pytest.mark.kernels
 def test_a_sigkilled_run_resumed_has_every_metric_exactly_once(make_cfg, tmp_path, fast_overrides):
     import signal
-    import subprocess
-    import sys
-    import time
 
     steps = ["steps=6", "eval_every=2"]
     straight = make_cfg(*steps, out_dir=tmp_path / "straight", tracking=True)
     run(straight)
     killed_dir = tmp_path / "killed"
     cfg = make_cfg(*steps, out_dir=killed_dir, tracking=True)
-    proc = subprocess.Popen([sys.executable, "-m", "rpg.main", *fast_overrides, *steps, f"out_dir={killed_dir}",
-                             f"tracking.uri={cfg.tracking.uri}", f"hydra.run.dir={tmp_path / 'hydra'}"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (killed_dir / "checkpoints" / "step_3.pt").exists():  # three checkpoints written
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline, "the run never reached step 3"
-        time.sleep(0.05)
+    proc = run_until_checkpoint(cfg, fast_overrides + steps, tmp_path, step=3)  # three checkpoints written
     proc.send_signal(signal.SIGKILL)  # no handler runs: only what was durable survives
     proc.wait(timeout=60)
     run_id = (killed_dir / "run_id.txt").read_text().strip()
