@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rpg.config import ranks_per_node
-from rpg.mechanisms import inert_mechanisms
+from rpg.mechanisms import inert_mechanisms, optimizer_steps_per_rl_step
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -183,7 +183,7 @@ def tokens_per_step(cfg) -> dict[str, float]:
             "tokens per RL step (upper bound)": responses * (d.max_prompt_len + d.max_response_len),
             "response tokens per RL step (upper bound)": responses * d.max_response_len,
             "responses per optimizer step": u.mini_batch_size,
-            "optimizer steps per RL step": u.epochs * math.ceil(responses / u.mini_batch_size),
+            "optimizer steps per RL step": optimizer_steps_per_rl_step(cfg),
             "responses per GPU per optimizer step": u.mini_batch_size / world,
             "micro-batches per GPU per optimizer step": math.ceil(u.mini_batch_size / world / u.micro_batch_size),
             "RL steps": cfg.steps}
