@@ -340,3 +340,63 @@ def test_multirun_jobs_are_named_by_their_overrides(tmp_path, fast_overrides):
     assert len(names) == 2 and "algo.kl_coef=0.1" in names[0] and "algo.kl_coef=0.2" in names[1], names
     assert all(r.data.tags["run_name"] == r.info.run_name for r in runs)
     assert not any("tracking.uri" in n or "cache_dir" in n for n in names)  # what it computes, not where
+
+
+@pytest.mark.slow
+def test_a_run_through_a_tracking_outage_loses_nothing(make_cfg, tmp_path, fast_overrides):
+    """The server dies mid-run, the run checkpoints while it is down, then gets SLURM's stop (SIGTERM,
+    SIGKILL 30 s later): the unsent file is on disk within a few seconds, and once the server is back
+    the resumed run holds every metric of an uninterrupted run exactly once."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from rpg.tracking_server import free_port, start_server
+
+    steps = ["steps=6", "eval_every=2"]
+    straight = make_cfg(*steps, out_dir=tmp_path / "straight", tracking=True)
+    run(straight)
+    port, store = free_port(), f"sqlite:///{tmp_path / 'server.db'}"
+    server = start_server(port=port, backend_store_uri=store, log_path=tmp_path / "server.log",
+                          startup_timeout_s=180)
+    try:
+        cfg = make_cfg(*steps, out_dir=tmp_path / "outage", tracking=True)
+        cfg.tracking.uri = server.url
+        proc = run_until_checkpoint(cfg, fast_overrides + steps, tmp_path, step=2)
+        os.killpg(server.pid, signal.SIGKILL)  # the server dies
+        server.proc.wait(timeout=10)
+        checkpoints = Path(cfg.out_dir) / "checkpoints"
+        deadline = time.time() + 300
+        while not (checkpoints / "step_4.pt").exists():  # checkpoints 3 and 4 happen while it is down
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # SLURM's SIGKILL after its grace period
+            pytest.fail("the run did not stop within SLURM's 30 s grace")
+        stopped_s = time.monotonic() - t0
+        run_id = (Path(cfg.out_dir) / "run_id.txt").read_text().strip()
+        unsent = Path(cfg.out_dir) / f"unsent_metrics_{run_id}.jsonl"
+        spilled = {json.loads(line).get("step") for line in unsent.read_text().splitlines()}
+        assert {3, 4} <= spilled, spilled
+        print(f"SIGTERM with the server down: stopped in {stopped_s:.1f} s, unsent steps {sorted(spilled - {None})}")
+        assert stopped_s < 15, stopped_s
+
+        server = start_server(port=port, backend_store_uri=store, log_path=tmp_path / "server2.log",
+                              startup_timeout_s=180)
+        run(cfg)  # resumes the same MLflow run; the unsent file is delivered first
+        assert (Path(cfg.out_dir) / "run_id.txt").read_text().strip() == run_id
+        assert not list(Path(cfg.out_dir).glob("unsent_*.jsonl"))  # delivered (kept as .uploaded)
+        straight_id = (tmp_path / "straight" / "run_id.txt").read_text().strip()
+        want, got = raw_histories(straight.tracking.uri, straight_id), raw_histories(server.url, run_id)
+        assert want.keys() == got.keys()
+        for key in want:
+            assert [s for s, _ in got[key]] == [s for s, _ in want[key]], key  # every step once
+            assert [v for _, v in got[key]] == pytest.approx([v for _, v in want[key]], rel=1e-6, abs=1e-9), key
+        assert mlflow.MlflowClient(tracking_uri=server.url).get_run(run_id).info.status == "FINISHED"
+    finally:
+        server.stop()
