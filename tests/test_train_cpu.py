@@ -324,20 +324,24 @@ def test_a_run_ends_by_saying_what_it_found_and_where(tmp_path, fast_overrides):
     assert f"outputs and checkpoints: {tmp_path / 'run'}" in out
 
 
-def test_multirun_jobs_are_named_by_their_overrides(tmp_path, fast_overrides):
+@pytest.mark.slow
+def test_four_parallel_multirun_jobs_on_a_new_store_finish_named_by_their_overrides(tmp_path, fast_overrides):
+    """The README's parallel multirun (`hydra/launcher=local`): 4 processes create one new sqlite store."""
     import subprocess
     import sys
 
     db = tmp_path / "mlflow.db"
     proc = subprocess.run([sys.executable, "-m", "rpg.main", "-m", *fast_overrides, "steps=1", "eval_every=0",
-                           "algo.kl_coef=0.1,0.2", f"tracking.uri=sqlite:///{db}",
-                           f"hydra.sweep.dir={tmp_path / 'multirun'}"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                           "algo.kl_coef=0.1,0.2", "seed=1,2", "hydra/launcher=local",
+                           f"tracking.uri=sqlite:///{db}", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = mlflow.MlflowClient(f"sqlite:///{db}").search_runs(
-        [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()])
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
     names = sorted(r.info.run_name for r in runs)
-    assert len(names) == 2 and "algo.kl_coef=0.1" in names[0] and "algo.kl_coef=0.2" in names[1], names
+    assert len(set(names)) == 4 and all(("algo.kl_coef=0.1" in n) != ("algo.kl_coef=0.2" in n) for n in names)
+    assert sum("seed=1" in n for n in names) == 2, names
     assert all(r.data.tags["run_name"] == r.info.run_name for r in runs)
     assert not any("tracking.uri" in n or "cache_dir" in n for n in names)  # what it computes, not where
 
