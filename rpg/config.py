@@ -187,12 +187,10 @@ if not OmegaConf.has_resolver("rpg.tasks_per_node"):  # used by conf/hydra/launc
 
 
 def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
-    cs.store(group="algo", name="algo_schema", node=AlgoConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
-    cs.store(group="engine", name="engine_schema", node=EngineConfig)
+    """Store RunConfig as ``run_schema``, the first entry of conf/config.yaml's defaults.  Its typed fields
+    (algo: AlgoConfig, ...) validate every group's YAML file, so no schema is stored inside a group, where
+    it would be offered as a choice (``algo=algo_schema``) that composes to a config of MISSING values."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
 class ConfigError(ValueError):

@@ -6,16 +6,36 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rpg.config import CONF_DIR, register_configs
 
 __all__ = ["CONF_DIR", "main"]
 
 register_configs()
+
+#: the longest folder name a run gets before it is shortened (file systems allow 255 bytes)
+MAX_FOLDER_NAME = 200
+
+
+def run_folder_name(overrides: str, resume: str, now: str) -> str:
+    """The folder of a run started by ``python -m rpg.main``: its overrides (Hydra's override_dirname,
+    ``algo=grpo,seed=2``; ``defaults`` when there are none), so re-running a command resumes its run;
+    ``resume=never`` appends the start time. A ``/`` in a value becomes ``_``; a name longer than
+    MAX_FOLDER_NAME keeps its start and a hash of the whole."""
+    name = (overrides or "defaults").replace("/", "_")
+    if resume == "never":
+        name += f"-{now}"
+    if len(name) > MAX_FOLDER_NAME:
+        name = f"{name[:MAX_FOLDER_NAME - 17]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    return name
+
+
+OmegaConf.register_new_resolver("run_folder", run_folder_name, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

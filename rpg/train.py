@@ -66,12 +66,14 @@ def writable_dir(path: Path) -> Path:
 
 
 def run_summary(name: str, first: dict, last: dict, steps: int, out_dir: Path, run_id: str | None,
-                store: str | None) -> str:
+                store: str | None, finished_before: bool = False) -> str:
     """What a finished run found and where it is: held-out accuracy at the first and last evaluation
-    (greedy where measured, else every mean@k), the MLflow run and the output folder."""
+    (greedy where measured, else every mean@k), the MLflow run and the output folder. ``finished_before``:
+    the command found its run already complete (it says so, and how to start a fresh one)."""
     evals = [k for k in sorted(last) if k.startswith("eval/") and k.endswith("/greedy_acc")]
     evals = evals or [k for k in sorted(last) if k.startswith("eval/") and "/mean_at_" in k]
-    lines = [f"{name}: finished {steps} steps"]
+    lines = [f"{name}: finished {steps} steps" + (" (already, in an earlier attempt: this command resumes "
+                                                  "its run; resume=never starts a fresh one)" if finished_before else "")]
     for k in evals:
         lines.append(f"  {k}: " + (f"{first[k]:.3f} (step 0) -> " if k in first else "") + f"{last[k]:.3f}")
     if run_id and store:
@@ -124,7 +126,7 @@ def run(cfg) -> dict[str, float]:
     def sync_engine():
         engine.sync_weights(backend.full_weights(module))
 
-    start_step, run_id = 0, None
+    start_step, run_id, first_eval, final = 0, None, {}, {}
     state = backend.load(ckpt_dir, module, optimizer, ref_model) if cfg.resume == "auto" else None
     if state is not None:
         if state.get("resume_key", resume_key(cfg)) != resume_key(cfg):
@@ -135,6 +137,7 @@ def run(cfg) -> dict[str, float]:
         sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
         start_step, run_id = state["step"], state["run_id"]
+        first_eval, final = dict(state.get("first_eval", {})), dict(state.get("final", {}))
         sync_engine()
         log.info("resuming from %s at step %d", ckpt_dir, start_step)
     elif cfg.resume == "auto" and (out_dir / "run_id.txt").is_file():
@@ -167,8 +170,7 @@ def run(cfg) -> dict[str, float]:
             tracker.log_text("\n".join(json.dumps(d) for d in details), f"eval/step_{step:06d}.jsonl")
         return metrics
 
-    final: dict[str, float] = {}
-    first_eval: dict[str, float] = {}
+    finished_before = start_step >= cfg.steps
     raise_on_sigterm()
     try:
         if start_step == 0 and eval_sets:
@@ -208,7 +210,8 @@ def run(cfg) -> dict[str, float]:
                 tracker.persist()  # every metric so far is in the store or on disk before the checkpoint is
                 backend.save(ckpt_dir, done, {
                     **learner.state_dict(), "sampler": sampler.state_dict(), "rng": checkpoint.rng_state(),
-                    "step": done, "run_id": run_id, "resume_key": resume_key(cfg)}, module, optimizer, ref_model)
+                    "step": done, "run_id": run_id, "resume_key": resume_key(cfg), "first_eval": first_eval,
+                    "final": final}, module, optimizer, ref_model)
     except (KeyboardInterrupt, Terminated, SystemExit):
         tracker.end("KILLED", timeout_s=5.0)  # well inside SLURM's 30 s between SIGTERM and SIGKILL
         raise
@@ -223,5 +226,5 @@ def run(cfg) -> dict[str, float]:
     if backend.is_main:
         (out_dir / FINAL_METRICS).write_text(json.dumps(final, indent=1))
         log.info("%s", run_summary(run_name(cfg), first_eval, final, cfg.steps, out_dir, run_id,
-                                   getattr(tracker, "display_uri", None)))
+                                   getattr(tracker, "display_uri", None), finished_before))
     return final

@@ -404,3 +404,39 @@ def test_a_run_through_a_tracking_outage_loses_nothing(make_cfg, tmp_path, fast_
         assert mlflow.MlflowClient(tracking_uri=server.url).get_run(run_id).info.status == "FINISHED"
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_re_running_a_killed_command_resumes_its_run(tmp_path, fast_overrides):
+    """No out_dir given: the command's overrides name its folder, so the same command, re-run after
+    SIGTERM, continues the same folder and MLflow run; resume=never starts a fresh one beside it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    db = tmp_path / "mlflow.db"
+    command = [sys.executable, "-m", "rpg.main", *fast_overrides, "steps=5", "eval_every=0",
+               f"tracking.uri=sqlite:///{db}"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("outputs/default/*/checkpoints/step_2.pt")):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stdout + again.stderr
+    folders = list((tmp_path / "outputs" / "default").iterdir())
+    assert len(folders) == 1, folders
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/acc")] == [1, 2, 3, 4, 5]
+
+    fresh = subprocess.run(command + ["resume=never"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "resuming from" not in fresh.stdout + fresh.stderr
+    assert len(list((tmp_path / "outputs" / "default").iterdir())) == 2
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == 2
