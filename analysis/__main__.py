@@ -42,7 +42,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--include-running", action="store_true", help="also average RUNNING runs (they stay in status)")
     ap.add_argument("--smooth", type=float, help="EMA weight in [0, 1) applied per run to curves (default none)")
     ap.add_argument("--formats", default="png,pdf", help="figure formats (default png,pdf)")
-    ap.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples of the paired CI")
+    ap.add_argument("--where", action="append", metavar="KEY=VALUE",
+                    help="only runs with this setting (repeatable), e.g. --where data.max_response_len=4096")
+    ap.add_argument("--best-includes-step0", action="store_true",
+                    help="let Best be the base model's step-0 score too (default: trained steps only)")
     ap.add_argument("--cache-dir", help="metric cache folder (default <out>/.cache)")
     ap.add_argument("--no-cache", action="store_true", help="read everything from MLflow, write no cache")
     ap.add_argument("--loss-c", type=float, default=2.0, help="dual-clip c drawn in the loss-shape figures (default 2)")
@@ -102,16 +105,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {s}")
     for p in written:
         print(f"wrote {p}")
+    main_table = out / "tables" / "last_best.md"
+    if main_table in written:
+        print("\n" + main_table.read_text())
     return 0
 
 
 def _run(name, fig, sweep, args, out, formats, statuses, group_by, benches, table_parts) -> list[Path]:
     from analysis import figures, tables
+    from analysis.select import parse_where
 
     if name == "tables":
         return tables.write_tables(sweep, out, benches=benches, k=args.k, group_by=group_by, statuses=statuses,
                                    last_step=args.last_step, baseline=args.baseline, paper_table=args.paper_table,
-                                   n_boot=args.n_boot, which=table_parts)
+                                   which=table_parts, where=parse_where(args.where),
+                                   best_from_step=0 if args.best_includes_step0 else 1)
     fig_dir = out / "figures"
     if fig == "loss_shapes":
         paths = []

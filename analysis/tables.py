@@ -17,14 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from analysis import style
 from analysis.load import Sweep
+from analysis.render import METRICS, markdown, render_last_best, render_paired, tex_escape
+from analysis.select import Selection, describe, select
 
 # MLflow refuses "@" in metric names, so the project logs mean@32 as mean_at_32; both forms are read.
 EVAL_KEY = re.compile(r"^eval/(?P<bench>[^/]+)/(?P<stat>[a-z_]+?)(?:@|_at_)(?P<k>\d+)$")
 PAPER_CSV = Path(__file__).with_name("paper_numbers.csv")
-METRICS = ("last", "best")
 
 
 def eval_keys(sweep: Sweep, stat: str = "mean") -> dict[str, dict[int, str]]:
@@ -95,19 +97,11 @@ def _fmt(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def included(sweep: Sweep, statuses=("FINISHED",)) -> pd.DataFrame:
-    runs = sweep.runs
-    left_out = runs[~runs["status"].isin(statuses)]
-    if len(left_out):
-        names = ", ".join(f"{r.run_name} ({r.status})" for r in left_out.itertuples())
-        warnings.warn(f"{len(left_out)} run(s) not averaged, status not in {list(statuses)}: {names}", stacklevel=2)
-    return runs[runs["status"].isin(statuses)]
-
-
-def run_scores(sweep: Sweep, benches: list[str], k: int, stat: str = "mean", group_by=("algo",),
-               statuses=("FINISHED",), last_step: int | None = None) -> pd.DataFrame:
-    """One row per (run, benchmark): method, algo, seed, run_id, benchmark, last, best, final_step, n_evals."""
-    runs = included(sweep, statuses)
+def run_scores(sweep: Sweep, runs: pd.DataFrame, benches: list[str], k: int, stat: str = "mean",
+               group_by=("algo",), last_step: int | None = None, best_from_step: int = 1) -> pd.DataFrame:
+    """One row per (run, benchmark) of ``runs``: method, algo, seed, run_id, benchmark, last, best,
+    final_step, n_evals. Best is the max over evaluated steps >= ``best_from_step`` (1: the base model's
+    step-0 score is not a result of training)."""
     meta = pd.DataFrame({"run_id": runs["run_id"], "method": method_labels(runs, group_by),
                          "algo": runs.get("algo", pd.Series("?", index=runs.index)).astype(str),
                          "seed": runs.get("seed", pd.Series(np.nan, index=runs.index))})
@@ -119,7 +113,8 @@ def run_scores(sweep: Sweep, benches: list[str], k: int, stat: str = "mean", gro
             h = h[h["step"] <= last_step]
         h = h.sort_values(["run_id", "step"])
         g = h.groupby("run_id", sort=False)
-        per = pd.DataFrame({"last": g["value"].last(), "best": g["value"].max(), "final_step": g["step"].max(),
+        trained = h[h["step"] >= best_from_step].groupby("run_id", sort=False)
+        per = pd.DataFrame({"last": g["value"].last(), "best": trained["value"].max(), "final_step": g["step"].max(),
                             "n_evals": g["value"].count()})
         if last_step is not None:  # Last is the value AT last_step; runs that never logged it have none
             per.loc[per["final_step"] != last_step, "last"] = np.nan
@@ -163,11 +158,30 @@ def paper_values(table: int, path: Path = PAPER_CSV) -> pd.DataFrame:
     return sel
 
 
-def paired(scores: pd.DataFrame, baseline: str, n_boot: int = 10_000, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """Each method minus the baseline, matched by seed: mean difference and a percentile bootstrap CI.
+def paired_stats(d: np.ndarray, ci: float = 0.95) -> dict:
+    """Mean of paired differences ``d`` (one per seed) with a t-interval (df = n - 1; exact when the
+    differences are normal, and honest about width at n = 2-5) and the exact two-sided sign-flip p-value
+    (no assumption beyond symmetry under no effect; with n pairs it cannot go below 2^(1-n))."""
+    n = len(d)
+    out = {"mean_diff": float(d.mean()) if n else np.nan, "ci_low": np.nan, "ci_high": np.nan,
+           "p_signflip": np.nan, "min_p": 2.0 ** (1 - n) if n else np.nan, "n_pairs": n}
+    if n < 2:
+        return out
+    half = stats.t.ppf((1 + ci) / 2, n - 1) * d.std(ddof=1) / np.sqrt(n)
+    out["ci_low"], out["ci_high"] = out["mean_diff"] - half, out["mean_diff"] + half
+    if n <= 20:
+        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)  # every sign pattern
+    else:
+        signs = np.random.default_rng(0).choice([-1, 1], size=(200_000, n))
+    flipped = np.abs((signs * d).mean(axis=1))
+    out["p_signflip"] = float(np.mean(flipped >= abs(out["mean_diff"]) - 1e-12))
+    return out
 
-    baseline: an algo name or a method label. Runs sharing (method, seed) are averaged first. With n < 2
-    pairs the CI is NaN; with few seeds it is coarse (n seeds give at most C(2n-1, n) distinct resamples).
+
+def paired(scores: pd.DataFrame, baseline: str, ci: float = 0.95) -> pd.DataFrame:
+    """Each method minus the baseline, matched by seed: :func:`paired_stats` per (method, benchmark, metric).
+
+    baseline: an algo name or a method label. Runs sharing (method, seed) are averaged first.
     """
     per = scores.melt(id_vars=["method", "algo", "seed", "benchmark"], value_vars=list(METRICS),
                       var_name="metric", value_name="value").dropna(subset=["value", "seed"])
@@ -177,139 +191,36 @@ def paired(scores: pd.DataFrame, baseline: str, n_boot: int = 10_000, ci: float 
         raise ValueError(f"baseline {baseline!r} has no finished run; methods: {sorted(per['method'].unique())}")
     base_label = base_rows["method"].iloc[0]
     base = per[per["method"] == base_label].set_index(["benchmark", "metric", "seed"])["value"]
-    rng = np.random.default_rng(seed)
     rows = []
     for (method, bench, metric), grp in per[per["method"] != base_label].groupby(["method", "benchmark", "metric"], sort=False):
         keyed = grp.set_index(["benchmark", "metric", "seed"])["value"]
         common = keyed.index.intersection(base.index)
         d = (keyed.loc[common] - base.loc[common]).to_numpy()
-        lo = hi = np.nan
-        if len(d) >= 2:
-            means = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(axis=1)
-            lo, hi = np.quantile(means, [(1 - ci) / 2, (1 + ci) / 2])
         rows.append({"method": method, "baseline": base_label, "benchmark": bench, "metric": metric,
-                     "mean_diff": d.mean() if len(d) else np.nan, "ci_low": lo, "ci_high": hi, "n_pairs": len(d),
-                     "seeds": " ".join(str(s[2]) for s in common)})
+                     **paired_stats(d, ci), "seeds": " ".join(str(s[2]) for s in common)})
     out = pd.DataFrame(rows, columns=["method", "baseline", "benchmark", "metric", "mean_diff", "ci_low",
-                                      "ci_high", "n_pairs", "seeds"])
+                                      "ci_high", "p_signflip", "min_p", "n_pairs", "seeds"])
     order = {m: i for i, m in enumerate(_method_order(scores))}
     return out.sort_values("method", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
 
 
-def status_table(sweep: Sweep, statuses=("FINISHED",)) -> pd.DataFrame:
-    """All runs with their status, final step (max over all metrics) and whether they were averaged."""
-    runs = sweep.runs
+def status_table(sweep: Sweep, selection: Selection) -> pd.DataFrame:
+    """Every run with its status, final step (max over all metrics) and whether it was averaged (and why not)."""
     last = sweep.metrics.groupby("run_id", observed=True)["step"].max()
-    cols = [c for c in ("run_id", "run_name", "algo", "seed", "status") if c in runs]
-    out = runs[cols].copy()
+    out = selection.status.copy()
     out["final_step"] = out["run_id"].map(last).astype("Int64")
-    out["included"] = out["status"].isin(statuses)
+    out["included"] = out["counted"] == "yes"
     return out.sort_values(["included", "run_name"]).reset_index(drop=True)
-
-
-# ----------------------------------------------------------------------------- rendering
-
-def markdown(df: pd.DataFrame) -> str:
-    """A plain Markdown table of a DataFrame (no extra dependency)."""
-    head = [str(c) for c in df.columns]
-    rows = [["" if pd.isna(v) else str(v) for v in r] for r in df.itertuples(index=False)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def _cell(mean: float, std: float, n: int, digits: int, fmt: str) -> str:
-    if n == 0 or pd.isna(mean):
-        return "–"
-    sd = "–" if pd.isna(std) else f"{std:.{digits}f}"
-    pm = r" $\pm$ " if fmt == "tex" else " ± "
-    return f"{mean:.{digits}f}{pm}{sd}"
-
-
-def _mark(text: str, rank: int, fmt: str) -> str:
-    if rank == 1:
-        return rf"\textbf{{{text}}}" if fmt == "tex" else f"**{text}**"
-    if rank == 2:
-        return rf"\underline{{{text}}}" if fmt == "tex" else f"<u>{text}</u>"
-    return text
-
-
-def _tex_escape(s: str) -> str:
-    return re.sub(r"([&%$#_{}])", r"\\\1", s)
-
-
-def render_last_best(summary: pd.DataFrame, fmt: str, digits: int = 4, paper: pd.DataFrame | None = None,
-                     caption: str = "") -> str:
-    """Markdown ('md') or LaTeX ('tex'): one row per method, Last/Best columns per benchmark."""
-    benches = list(dict.fromkeys(summary["benchmark"]))
-    methods = list(dict.fromkeys(summary["method"]))
-    cells = summary.set_index(["method", "benchmark", "metric"])
-    pap = paper.set_index(["algo", "benchmark", "metric"])["value"] if paper is not None else None
-    rows = []
-    for method in methods:
-        sub = summary[summary["method"] == method]
-        ns = sorted(sub["n"].unique())
-        n_text = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
-        row = [method if fmt == "md" else _tex_escape(method), n_text]
-        for b in benches:
-            for m in METRICS:
-                if (method, b, m) in cells.index:
-                    c = cells.loc[(method, b, m)]
-                    row.append(_mark(_cell(c["mean"], c["std"], int(c["n"]), digits, fmt), int(c["rank"]), fmt))
-                else:
-                    row.append("–")
-        rows.append(row)
-        algo = sub["algo"].iloc[0]
-        is_last = all(summary.loc[summary["method"] == m2, "algo"].iloc[0] != algo for m2 in methods[methods.index(method) + 1:])
-        if pap is not None and is_last and algo in pap.index.get_level_values(0):
-            vals = [f"{pap[(algo, b, m)]:.{digits}f}" if (algo, b, m) in pap.index else "–" for b in benches for m in METRICS]
-            name = f"↳ paper ({style.label(algo)})" if fmt == "md" else r"\quad\textit{paper}"
-            rows.append([name, ""] + ([f"*{v}*" for v in vals] if fmt == "md" else [rf"\textit{{{v}}}" for v in vals]))
-    labels = [style.bench_label(b) for b in benches]
-    if fmt == "md":
-        head = ["Method", "n"] + [f"{lab} {m.capitalize()}" for lab in labels for m in METRICS]
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return (f"{caption}\n\n" if caption else "") + "\n".join(lines) + "\n"
-    spec = "l" + "r" + "rr" * len(benches)
-    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
-             "Method & $n$ & " + " & ".join(rf"\multicolumn{{2}}{{c}}{{{_tex_escape(lab)}}}" for lab in labels) + r" \\",
-             " ".join(rf"\cmidrule(lr){{{3 + 2 * i}-{4 + 2 * i}}}" for i in range(len(benches))),
-             " & & " + " & ".join("Last & Best" for _ in benches) + r" \\", r"\midrule"]
-    lines += [" & ".join(r) + r" \\" for r in rows]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    if caption:
-        lines.append(rf"\caption{{{caption}}}")
-    lines.append(r"\end{table}")
-    return "\n".join(lines) + "\n"
-
-
-def render_paired(diff: pd.DataFrame, fmt: str, digits: int = 4) -> str:
-    benches = list(dict.fromkeys(diff["benchmark"]))
-    methods = list(dict.fromkeys(diff["method"]))
-    cells = diff.set_index(["method", "benchmark", "metric"])
-    pm = "--" if fmt == "tex" else "–"
-
-    def cell(c) -> str:
-        if c["n_pairs"] == 0:
-            return "–"
-        ci = "" if pd.isna(c["ci_low"]) else f" [{c['ci_low']:+.{digits}f}, {c['ci_high']:+.{digits}f}]"
-        return f"{c['mean_diff']:+.{digits}f}{ci} (n={int(c['n_pairs'])})"
-
-    rows = [[m if fmt == "md" else _tex_escape(m)] + [cell(cells.loc[(m, b, x)]) if (m, b, x) in cells.index else pm
-                                                      for b in benches for x in METRICS] for m in methods]
-    head = ["Method"] + [f"{style.bench_label(b)} {x.capitalize()}" for b in benches for x in METRICS]
-    if fmt == "md":
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-    lines = [r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule", " & ".join(_tex_escape(h) for h in head)
-             + r" \\", r"\midrule"] + [" & ".join(r) + r" \\" for r in rows] + [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines) + "\n"
 
 
 def write_tables(sweep: Sweep, out: Path, benches=None, k=None, stat="mean", group_by=("algo",),
                  statuses=("FINISHED",), last_step=None, baseline: str | None = "grpo", paper_table: int | None = None,
-                 n_boot: int = 10_000, which=("table", "paired", "status")) -> list[Path]:
-    """Write tables/{last_best,paired_vs_<baseline>,status}.{md,csv,tex} under ``out``; returns the paths."""
+                 which=("table", "paired", "status"), where: dict | None = None,
+                 best_from_step: int = 1) -> list[Path]:
+    """Write tables/{last_best,paired_vs_<baseline>,status}.{md,csv,tex} under ``out``; returns the paths.
+
+    Runs are chosen by :func:`analysis.select.select`: settings that vary across them (other than the
+    method's own) split them into one table per combination of values, each headed by its values."""
     out = Path(out) / "tables"
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -318,54 +229,89 @@ def write_tables(sweep: Sweep, out: Path, benches=None, k=None, stat="mean", gro
         (out / name).write_text(text)
         written.append(out / name)
 
-    status = status_table(sweep, statuses)
+    selection = select(sweep.runs, statuses, group_by, where)
+    status = status_table(sweep, selection)
+    left = status[~status["included"]]
+    scope = _scope(selection)
     if "status" in which:
         status.to_csv(out / "status.csv", index=False)
         written.append(out / "status.csv")
-        left = status[~status["included"]]
-        note = (f"**Warning:** {len(left)} run(s) were not averaged (status not in {list(statuses)}).\n\n"
-                if len(left) else "All runs have an included status.\n\n")
+        note = (f"**Warning:** {len(left)} run(s) were not averaged (see `counted`).\n\n"
+                if len(left) else "Every run is averaged.\n\n")
         put("status.md", "# Run status\n\n" + note + markdown(status) + "\n")
     if not {"table", "paired"} & set(which):
         return written
     benches, k = choose(sweep, benches, k, stat)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the status table above already names the left-out runs
-        scores = run_scores(sweep, benches, k, stat, group_by, statuses, last_step)
-    left = status[~status["included"]]
     if len(left):
-        warnings.warn(f"{len(left)} run(s) not averaged (status not in {list(statuses)}): "
-                      + ", ".join(f"{r.run_name} ({r.status})" for r in left.itertuples()), stacklevel=2)
-    warn = (f"\n\n**Warning:** {len(left)} run(s) not averaged ({', '.join(left['status'].astype(str).unique())}); "
-            "see status.md." if len(left) else "")
+        warnings.warn(f"{len(left)} run(s) not averaged: " + ", ".join(
+            f"{r.run_name} ({r.counted[4:]})" for r in left.itertuples()), stacklevel=2)
+    warn = f"\n\n**Warning:** {len(left)} run(s) not averaged; see status.md." if len(left) else ""
+    groups = selection.groups()
+    parts = {"md": [], "tex": [], "pmd": [], "ptex": []}
+    csv_rows, diff_rows = [], []
+    for values, runs in groups:
+        head = f"## {describe(values)}\n\n" if values else ""
+        scores = run_scores(sweep, runs, benches, k, stat, group_by, last_step, best_from_step)
+        if "table" in which:
+            summary = last_best(scores)
+            paper = paper_values(paper_table) if paper_table is not None else None
+            if paper is not None:
+                pv = paper.set_index(["algo", "benchmark", "metric"])["value"]
+                summary["paper"] = [pv.get((a, b, m), np.nan) for a, b, m in
+                                    zip(summary["algo"], summary["benchmark"], summary["metric"])]
+            csv_rows.append(summary.assign(**{key: v for key, v in values.items()}))
+            caption = _caption(summary, stat, k, last_step, paper_table, best_from_step)
+            parts["md"].append(head + render_last_best(summary, "md", paper=paper, caption=caption.replace(
+                "BOLD", "**bold**").replace("UNDER", "<u>underlined</u>")))
+            tex_caption = caption.replace("BOLD", "bold").replace("UNDER", "underlined").replace("±", "$\\pm$")
+            parts["tex"].append(render_last_best(summary, "tex", paper=paper, caption=tex_escape(describe(values))
+                                                 + (": " if values else "") + tex_caption))
+        if "paired" in which and baseline:
+            try:
+                diff = paired(scores, baseline)
+            except ValueError as e:
+                if len(groups) == 1:
+                    raise
+                parts["pmd"].append(f"{head}{e}\n")
+                continue
+            diff_rows.append(diff.assign(**{key: v for key, v in values.items()}))
+            parts["pmd"].append(head + render_paired(diff, "md"))
+            parts["ptex"].append(render_paired(diff, "tex"))
     if "table" in which:
-        summary = last_best(scores)
-        paper = paper_values(paper_table) if paper_table is not None else None
-        if paper is not None:
-            pv = paper.set_index(["algo", "benchmark", "metric"])["value"]
-            summary["paper"] = [pv.get((a, b, m), np.nan) for a, b, m in
-                                zip(summary["algo"], summary["benchmark"], summary["metric"])]
-        summary.to_csv(out / "last_best.csv", index=False)
+        pd.concat(csv_rows, ignore_index=True).to_csv(out / "last_best.csv", index=False)
         written.append(out / "last_best.csv")
-        steps = f"at step {last_step}" if last_step is not None else "at each run's final step"
-        uneven = summary[summary["final_step_min"] != summary["final_step_max"]]
-        base = (f"{stat}@{k}: Last = value {steps}, Best = max over evaluated steps; mean ± std (ddof=1) over n "
-                f"runs (seeds); best BOLD, second UNDER."
-                + (" Runs of a method end at different steps: see final_step_min/max in last_best.csv."
-                   if len(uneven) else "")
-                + (f" Paper rows: Table {paper_table} of the paper." if paper_table is not None else ""))
-        md_caption = base.replace("BOLD", "**bold**").replace("UNDER", "<u>underlined</u>") + warn
-        tex_caption = base.replace("BOLD", "bold").replace("UNDER", "underlined").replace("±", "$\\pm$") + \
-            (f" {len(left)} run(s) not averaged (see status.md)." if len(left) else "")
-        put("last_best.md", render_last_best(summary, "md", paper=paper, caption=md_caption))
-        put("last_best.tex", render_last_best(summary, "tex", paper=paper, caption=tex_caption))
+        put("last_best.md", scope + warn + "\n\n" + "\n".join(parts["md"]))
+        put("last_best.tex", "\n".join(parts["tex"]))
     if "paired" in which and baseline:
-        diff = paired(scores, baseline, n_boot=n_boot)
         name = f"paired_vs_{re.sub(r'[^A-Za-z0-9_.-]+', '_', baseline)}"
-        diff.to_csv(out / f"{name}.csv", index=False)
-        written.append(out / f"{name}.csv")
-        head = (f"{stat}@{k}, each method minus {diff['baseline'].iloc[0] if len(diff) else baseline}, matched by seed: "
-                f"mean difference [95% percentile bootstrap CI, {n_boot} resamples] (n = seed pairs).{warn}\n\n")
-        put(f"{name}.md", head + render_paired(diff, "md"))
-        put(f"{name}.tex", render_paired(diff, "tex"))
+        if diff_rows:
+            pd.concat(diff_rows, ignore_index=True).to_csv(out / f"{name}.csv", index=False)
+            written.append(out / f"{name}.csv")
+        head = (f"{stat}@{k}, each method minus {baseline}, matched by seed: mean difference [95% t-interval, "
+                "df = n - 1] and p, the exact two-sided sign-flip test's p-value (its smallest possible value "
+                "with n pairs is 2^(1-n): 0.5 at n = 2, 0.25 at n = 3, 0.0625 at n = 5, so no difference can "
+                f"reach p < 0.05 with fewer than 6 seeds); n = seed pairs.{warn}\n\n")
+        put(f"{name}.md", scope + "\n\n" + head + "\n".join(parts["pmd"]))
+        put(f"{name}.tex", "\n".join(parts["ptex"]))
     return written
+
+
+def _scope(selection: Selection) -> str:
+    """What the tables hold: the filters, what defines a method, what splits the tables."""
+    lines = [f"Methods: {', '.join(selection.method_keys)} (runs that differ only in the seed are averaged)."]
+    if selection.where:
+        lines.append(f"Filters: {describe(selection.where)}.")
+    if selection.split_keys:
+        lines.append(f"One table per {', '.join(selection.split_keys)} (these settings differ between runs).")
+    return "\n".join(lines)
+
+
+def _caption(summary, stat, k, last_step, paper_table, best_from_step) -> str:
+    steps = f"at step {last_step}" if last_step is not None else "at each run's final step"
+    best = "over evaluated steps" + (f" >= {best_from_step} (not the base model)" if best_from_step > 0 else "")
+    uneven = summary[summary["final_step_min"] != summary["final_step_max"]]
+    return (f"{stat}@{k}: Last = value {steps}, Best = max {best}; mean ± std (ddof=1) over n "
+            f"runs (seeds); best BOLD, second UNDER."
+            + (" **Runs of a method end at different steps**: see final_step_min/max in last_best.csv."
+               if len(uneven) else "")
+            + (f" Paper rows: Table {paper_table} of the paper." if paper_table is not None else ""))

@@ -56,12 +56,12 @@ def uri(tmp_path_factory):
 def out(uri, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     assert main(["--experiment", "tab", "--tracking-uri", uri, "--out", str(out), "--only", "table,paired,status",
-                 "--paper-table", "3", "--n-boot", "2000"]) == 0
+                 "--paper-table", "3"]) == 0
     return out / "tables"
 
 
 def expected(algo, bench, metric, last_index=-1):
-    vals = [np.max(h[bench][: len(STEPS) + last_index + 1]) if metric == "best" else h[bench][last_index]
+    vals = [np.max(h[bench][1: len(STEPS) + last_index + 1]) if metric == "best" else h[bench][last_index]
             for (a, _), h in HIST.items() if a == algo]
     return np.mean(vals), (np.std(vals, ddof=1) if len(vals) > 1 else np.nan), len(vals)
 
@@ -119,10 +119,15 @@ def test_paired_vs_baseline(out):
     for (method, bench, metric), row in diff.iterrows():
         algo = {"RPG-UFKL": "rpg_ufkl", "DAPO": "dapo"}[method]
         seeds = [s for (a, s) in HIST if a == algo]
-        pick = (lambda v: max(v)) if metric == "best" else (lambda v: v[-1])
+        pick = (lambda v: max(v[1:])) if metric == "best" else (lambda v: v[-1])
         d = [pick(HIST[(algo, s)][bench]) - pick(HIST[("grpo", s)][bench]) for s in seeds]
         assert abs(row["mean_diff"] - np.mean(d)) <= TOL and row["n_pairs"] == len(d)
-        assert min(d) - TOL <= row["ci_low"] <= row["mean_diff"] <= row["ci_high"] <= max(d) + TOL
+        assert row["ci_low"] < row["mean_diff"] < row["ci_high"] and row["min_p"] == 2.0 ** (1 - len(d))
+    # RPG-UFKL - GRPO on AMC23 Last, seeds 1-3: d = (0.05, 0.15, 0.10): all positive, so the sign-flip p is
+    # 2/8; t-interval 0.10 +- 4.3027 * 0.05 / sqrt(3)
+    row = diff.loc[("RPG-UFKL", "amc23", "last")]
+    assert row["p_signflip"] == pytest.approx(0.25)
+    assert row["ci_high"] - row["mean_diff"] == pytest.approx(4.302653 * 0.05 / 3 ** 0.5, rel=1e-6)
     assert "RPG-UFKL" in (out / "paired_vs_grpo.md").read_text()
 
 
@@ -147,3 +152,19 @@ def test_paper_numbers_file():
     assert by[("8", "reinforce_pp_baseline", "amc23", "last")]["value"] == "0.8711"
     flagged = [r for r in rows if float(r["value"]) > float(by[(r["table"], r["algo"], r["benchmark"], "best")]["value"])]
     assert [(r["table"], r["method"], r["benchmark"]) for r in flagged] == [("3", "RPG-URKL", "aime25")]
+
+
+def test_paired_stats_by_hand():
+    from analysis.tables import paired_stats
+
+    one = paired_stats(np.array([0.02]))
+    assert one["n_pairs"] == 1 and np.isnan(one["ci_low"]) and np.isnan(one["p_signflip"])  # too few seeds
+    tied = paired_stats(np.array([1.0, -1.0]))
+    assert tied["mean_diff"] == 0 and tied["p_signflip"] == 1.0
+    s = paired_stats(np.array([1.0, 2.0, 3.0]))  # mean 2, sd 1: half-width t(0.975, 2) / sqrt(3)
+    assert s["ci_low"] == pytest.approx(2 - 4.302653 / 3 ** 0.5, rel=1e-6)
+    assert s["p_signflip"] == pytest.approx(0.25) and s["min_p"] == 0.25
+    five = paired_stats(np.array([0.3, 0.1, 0.2, 0.05, 0.4]))  # all positive: 2 of 32 patterns
+    assert five["p_signflip"] == pytest.approx(2 / 32)
+    mixed = paired_stats(np.array([0.3, 0.1, 0.2, -0.05, 0.4]))  # |sum| >= 0.95 also with -0.05 flipped
+    assert mixed["p_signflip"] == pytest.approx(4 / 32)
