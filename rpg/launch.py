@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ LAUNCHER_DIR = PROJECT_ROOT / "conf" / "hydra" / "launcher"
 PROFILE_DIR = PROJECT_ROOT / "conf" / "cluster"
 KINDS = ("slurm", "local")
 JOBS_FILE = "jobs.jsonl"  # in each run's out_dir: one line per submission and per job start
+FAILURE_FILE = "traceback.txt"  # in a failed run's out_dir: the traceback of its last failure
 _RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")  # "pkg.SomeError: msg" in a trace
 
 log = logging.getLogger("rpg.launch")
@@ -129,6 +131,14 @@ def append_record(out_dir: str | os.PathLike, **record: Any) -> None:
         f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
 
+def last_failure(out_dir: str | os.PathLike) -> dict | None:
+    """The "failed" record of the run's latest submission, if its job failed (None: it did not, or it
+    has not ended)."""
+    records = read_records(out_dir)
+    submitted = max((i for i, r in enumerate(records) if r.get("event") == "submitted"), default=-1)
+    return next((r for r in records[submitted + 1:] if r.get("event") == "failed"), None)
+
+
 def read_records(out_dir: str | os.PathLike) -> list[dict]:
     path = Path(out_dir) / JOBS_FILE
     if not path.is_file():
@@ -168,7 +178,13 @@ class TrainJob(Checkpointable):
         if rank == 0:
             append_record(out_dir, event="start", job_id=job_id, host=socket.gethostname(), pid=os.getpid(),
                           resume_step=_latest_step(out_dir))
-        return start(cfg)
+        try:
+            return start(cfg)
+        except Exception as exc:  # kept beside the run, also when it failed before its MLflow run existed
+            if rank == 0:
+                (out_dir / FAILURE_FILE).write_text(traceback.format_exc())
+                append_record(out_dir, event="failed", job_id=job_id, error=f"{type(exc).__name__}: {exc}"[:500])
+            raise
 
     def checkpoint(self, config: dict) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on USR2, just before it requeues the job and exits: resubmit the same call.

@@ -241,6 +241,8 @@ def plan(sweep: Sweep, extra: list[str] = (), runs_root=None, check_queue: bool 
             config["tracking"]["uri"] = uri
         if action == "resubmit" and info.tags.get("out_dir") and Path(info.tags["out_dir"]).is_dir():
             config["out_dir"] = info.tags["out_dir"]  # resume in place, into the same MLflow run
+        if info is None and launch.last_failure(config["out_dir"]):  # failed before its MLflow run existed
+            state, action = "failed", "resubmit"
         records = [r for r in launch.read_records(config["out_dir"]) if r.get("event") == "submitted"]
         plans.append(Planned(c.run, config, c.config_hash, state, action, info.run_id if info else None,
                              records[-1]["job_id"] if records else None, records[-1:]))
@@ -255,15 +257,36 @@ def plan(sweep: Sweep, extra: list[str] = (), runs_root=None, check_queue: bool 
 def print_table(plans: list[Planned], out=None) -> None:
     out = out or sys.stdout
     w = max([len(p.run.name) for p in plans] + [3])
-    out.write(f"{'RUN':<{w}}  {'STATE':<8}  {'ACTION':<8}  {'MLFLOW RUN':<10}  JOB\n")
+    out.write(f"{'RUN':<{w}}  {'STATE':<8}  {'ACTION':<8}  {'MLFLOW RUN':<10}  {'JOB':<10}  RESULT\n")
     for p in plans:
-        out.write(f"{p.run.name:<{w}}  {p.state:<8}  {p.action:<8}  {(p.mlflow_run or '-')[:10]:<10}  {p.job or '-'}\n")
+        out.write(f"{p.run.name:<{w}}  {p.state:<8}  {p.action:<8}  {(p.mlflow_run or '-')[:10]:<10}  "
+                  f"{p.job or '-':<10}  {result(p)}\n")
     counts: dict[str, int] = {}
     for p in plans:
         counts[p.state] = counts.get(p.state, 0) + 1
     todo = sum(p.action != "skip" for p in plans)
     out.write(f"{len(plans)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
               + f"; {todo} to submit\n")
+
+
+def result(p: Planned) -> str:
+    """A finished run's held-out accuracy (its first eval set's greedy accuracy, else mean@k); a failed
+    run's error and where its traceback is."""
+    from rpg import launch
+    from rpg.run_meta import FINAL_METRICS
+
+    out_dir = Path(p.config["out_dir"])
+    if p.state == "failed":
+        failure = launch.last_failure(out_dir)
+        where = out_dir / launch.FAILURE_FILE
+        return (f"{failure['error']} ({where})" if failure else "see the MLflow run's traceback.txt")
+    try:
+        final = json.loads((out_dir / FINAL_METRICS).read_text())
+    except (OSError, ValueError):
+        return "-"
+    keys = sorted(k for k in final if k.startswith("eval/") and k.endswith("/greedy_acc")) or \
+        sorted(k for k in final if k.startswith("eval/") and "/mean_at_" in k)
+    return ", ".join(f"{k.removeprefix('eval/')} {final[k]:.3f}" for k in keys[:2]) or "-"
 
 
 def submit(plans: list[Planned], launcher: str, profile: str | None, runs_root, sweep: Sweep, dry_run=False):
@@ -338,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
 
             sweep_estimates([(pl.run.name, pl.config) for pl in plans])
         jobs = submit(plans, launcher, profile, args.runs_root, sweep, dry_run=args.dry_run)
-        if args.dry_run or not args.wait or not any(pl.action != "skip" for pl in plans):
+        waits = args.wait or launcher == "inline"  # inline runs have ended when submit returns
+        if args.dry_run or not waits or not any(pl.action != "skip" for pl in plans):
             return 0
         from rpg.launch import wait
 

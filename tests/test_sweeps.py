@@ -250,6 +250,29 @@ def test_inline_sweep_runs_then_skips(tmp_path, cache_dir, capsys):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+def test_an_inline_sweep_with_a_failed_run_says_so(tmp_path, cache_dir, capsys):
+    """A run that fails before its MLflow run exists: the sweep exits 1, its table shows the run failed with
+    the error and the traceback file, --status too, and the finished run's accuracy."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    text = SMALL.format(path="two.yaml", name="fails").replace("algo: [rpg_rf_urkl, grpo]", "algo: [rpg_rf_urkl]") \
+        .replace("[1, 2, 3]", "[1]") + "runs:\n  - {seed: 2, model.kind: pretrained, model.path: /nonexistent/model}\n"
+    path = write(tmp_path / "two.yaml", text)
+    args = [str(path), "--launcher", "inline", "--runs-root", str(tmp_path / "runs"), f"tracking.uri={uri}",
+            f"cache_dir={cache_dir}", "engine.torch_threads=1"]
+    assert sweep.main(args) == 1
+    table = capsys.readouterr().out.splitlines()[::-1]  # the table after the runs comes last
+    done = next(line for line in table if line.startswith("algo=rpg_rf_urkl,seed=1 "))
+    failed = next(line for line in table if "seed=2" in line and "model.path" in line)
+    assert " finished " in done and "toy/greedy_acc 0." in done
+    failed_dir = tmp_path / "runs" / "fails" / failed.split()[0]
+    assert " failed " in failed and "FileNotFoundError: model.path=/nonexistent/model" in failed
+    assert str(failed_dir / "traceback.txt") in failed
+    assert "Traceback (most recent call last)" in (failed_dir / "traceback.txt").read_text()
+    assert sweep.main(args + ["--status"]) == 0
+    status = capsys.readouterr().out
+    assert "failed    resubmit" in status and "1 failed, 1 finished; 1 to submit" in status
+
+
 def test_sigterm_during_a_stop_lets_the_shutdown_finish(tmp_path):
     # SLURM sends SIGTERM right after a job requeues itself (submitit raises SystemExit on USR2): the
     # trainer's shutdown (MLflow flush, KILLED) must not be cut short; a SIGTERM at any other time stops it.
