@@ -4,7 +4,8 @@ the only importers of mlflow; explicit run ids, no global active run; log lines 
 `log_metrics` only appends to a buffer; a background thread sends batches, retrying with backoff while
 the store is down. `persist()` (each checkpoint) makes what was logged durable: sent, or appended to
 `<output_dir>/unsent_metrics_<run_id>.jsonl`, as is whatever `end()` could not send; a resumed run sends
-that file first (or: `python -m rpg.tracking upload PATH`).
+that file first (or: `python -m rpg.tracking upload PATH`). What the web UI shows (view, columns, the
+link `ui_link`): rpg/tracking_ui.py.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 
 from rpg.tracking_base import (NullTracker, RunInfo, Tracker, TrackingError, flatten_params,  # noqa: F401
                                mlflow_key, redact, resolve_tracking_uri)
 from rpg.tracking_store import (METRICS_PER_BATCH, find_runs, get_run_status, is_permanent,  # noqa: F401
-                                open_store, retry, upload_unsent)
+                                open_experiment, open_store, retry, upload_unsent)
+from rpg.tracking_ui import RunsView, prepare_experiment, runs_url
 
 try:
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
@@ -92,6 +93,7 @@ class MLflowTracker:
         self.end_timeout_s, self.start_timeout_s = end_timeout_s, start_timeout_s
         self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self._cv = threading.Condition()
         self._buf: collections.deque[Metric] = collections.deque()
         self._inflight: list[Metric] = []  # the batch being sent, kept until the store accepts it
@@ -109,12 +111,12 @@ class MLflowTracker:
         back to RUNNING, only params it lacks are added). Returns the run id."""
         if self.run_id is not None:
             raise TrackingError("this tracker already has a run; use one tracker per run")
-        tags = {str(k): str(v) for k, v in tags.items()}
+        tags = {str(k): redact(str(v)) for k, v in tags.items()}  # a command line may quote a tracking URI
         where = (f"at {self.display_uri} (is the store reachable? set tracking.uri or "
                  "MLFLOW_TRACKING_URI; a server starts with `python -m rpg.tracking_server`)")
         if run_id is None:
-            exp_id = retry(lambda: self._experiment_id(experiment), self.start_timeout_s,
-                            f"opening experiment {experiment!r} {where}")
+            exp_id = retry(lambda: open_experiment(self.client, self.tracking_uri, experiment),
+                           self.start_timeout_s, f"opening experiment {experiment!r} {where}")
             run = retry(lambda: self.client.create_run(exp_id, tags=tags, run_name=run_name),
                          self.start_timeout_s, f"creating a run {where}")
             run_id, existing = run.info.run_id, {}
@@ -125,7 +127,9 @@ class MLflowTracker:
                    f"marking run {run_id} RUNNING {where}")
             existing = dict(run.data.params)
             self._log_batched(run_id, "tags", [RunTag(k, v) for k, v in tags.items()])
-        self.run_id = run_id
+        self.run_id, self.experiment_id = run_id, run.info.experiment_id
+        prepare_experiment(self.client, self.experiment_id)
+        self._view = RunsView(self.client, self.experiment_id)
         self._log_params(flatten_params(params), existing)
         self._thread = threading.Thread(target=self._sender, name=f"mlflow-{run_id[:8]}", daemon=True)
         self._thread.start()
@@ -250,6 +254,11 @@ class MLflowTracker:
         lasts = [max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1) for k in keys]
         return min(lasts, default=-1)
 
+    @property
+    def ui_link(self) -> str | None:
+        """This run's experiment in the web UI: its runs, in the model-training view, with metric columns."""
+        return runs_url(self.tracking_uri, self.experiment_id) if self.experiment_id else None
+
     def upload_unsent_files(self) -> int:
         """Send the unsent-metrics files a previous attempt of this run left in its folder."""
         sent = 0
@@ -302,6 +311,7 @@ class MLflowTracker:
                 else:
                     self.client.log_batch(self.run_id, metrics=batch)
                     sent += len(batch)
+                    self._view.add(m.key for m in batch)  # new headline metrics become columns of the UI's view
             except Exception as exc:  # noqa: BLE001
                 if not is_permanent(exc):
                     if self._down_since is None:
@@ -338,23 +348,6 @@ class MLflowTracker:
                       self.tracking_uri, exc, path)
 
     # ------------------------------------------------------------------ helpers
-    def _experiment_id(self, name: str) -> str:
-        exp = self.client.get_experiment_by_name(name)
-        if exp is None:
-            location = None  # sqlite: artifacts next to the database, not in ./mlruns
-            if self.tracking_uri.startswith("sqlite:///"):
-                location = (Path(self.tracking_uri[10:]).parent / "mlartifacts").as_uri()
-            try:
-                return self.client.create_experiment(name, artifact_location=location)
-            except MlflowException:  # created meanwhile by another run of the sweep
-                exp = self.client.get_experiment_by_name(name)
-                if exp is None:
-                    raise
-        if exp.lifecycle_stage != "active":
-            raise TrackingError(f"experiment {name!r} is deleted; restore it (mlflow experiments "
-                                f"restore --experiment-id {exp.experiment_id}) or use another name")
-        return exp.experiment_id
-
     def _log_batched(self, run_id: str, what: str, items: list) -> None:
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             chunk = {what: items[i:i + MAX_PARAMS_TAGS_PER_BATCH]}

@@ -1,4 +1,5 @@
-"""The MLflow store itself: opening it safely, retrying transient errors, and querying / repairing runs.
+"""The MLflow store itself: opening it (and experiments) safely, retrying transient errors, and querying /
+repairing runs.
 
 Used by rpg.tracking (the tracker, re-exported there) and rpg.sweep (run lookups).
 """
@@ -89,6 +90,26 @@ def open_store(uri: str) -> MlflowClient:
         client.search_experiments(max_results=1)  # creates the tables, serialised
     _CREATED.add(uri)
     return client
+
+
+def open_experiment(client: MlflowClient, tracking_uri: str, name: str) -> str:
+    """The id of experiment ``name``, created if missing (a sqlite store keeps its artifacts next to the
+    database, not in ./mlruns); a deleted one is refused with the fix."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            location = (Path(tracking_uri[10:]).parent / "mlartifacts").as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by another run of the sweep
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage != "active":
+        raise TrackingError(f"experiment {name!r} is deleted; restore it (mlflow experiments "
+                            f"restore --experiment-id {exp.experiment_id}) or use another name")
+    return exp.experiment_id
 
 
 def find_runs(tracking_uri: str | None, experiment: str, tags: Mapping[str, str]) -> list[RunInfo]:

@@ -146,11 +146,13 @@ def run(cfg) -> dict[str, float]:
     tracker = MLflowTracker(tracking_uri(cfg), output_dir=out_dir) if cfg.tracking.enabled and backend.is_main else NullTracker()
     logged = {"train": -1, "eval": -1}  # steps already in the store (a resumed run)
     if backend.is_main:
+        from rpg.tracking_ui import run_tags  # description and source, as the MLflow UI shows them
+
         sha, dirty = git_state()
         tags = {"algo": cfg.algo.name, "seed": cfg.seed, "model": cfg.model.name, "data": cfg.data.name,
                 "sweep": cfg.sweep, "config_hash": config_hash(cfg), "git_sha": sha, "git_dirty": dirty,
                 "hydra_sweep_dir": str(out_dir.parent), "run_name": run_name(cfg), "out_dir": str(out_dir),
-                "world_size": backend.world_size}
+                "world_size": backend.world_size, **run_tags(cfg, sha, dirty)}
         resolved = loggable_config(cfg)
         resumed = run_id is not None
         run_id = tracker.start(cfg.tracking.experiment, run_name(cfg), resolved, tags, run_id=run_id)
