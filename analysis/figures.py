@@ -1,31 +1,38 @@
 """The paper's figures from a loaded sweep (matplotlib, Agg backend; PNG and PDF).
 
-  dynamics      Figures 4-6, 10: 2x3 grid, three eval/<bench>/mean@k panels + reward, entropy, length
+  dynamics      Figures 4-6, 10: up to three eval/<bench>/mean@k panels + reward, entropy, length
   passk         Figure 7: eval/<bench>/pass@k per benchmark
-  ablation_clip Figure 8: runs that differ in (algo.clip_low, algo.clip_high), same 2x3 grid
-  ablation_kl   Figure 9: runs that differ in (algo.kl_coef, algo.ref_update), same 2x3 grid
+  ablation_clip Figure 8: runs that differ in (algo.clip_low, algo.clip_high), panels as dynamics
+  ablation_kl   Figure 9: runs that differ in (algo.kl_coef, algo.ref_update), panels as dynamics
   loss_shapes   Figures 2 and 3: per-sample loss and gradient weight vs importance weight w, computed
                 by calling the project's losses (rpg.core.losses), for A > 0 and A < 0
-One line per method = mean over its runs (seeds) at each step, band = +- one std (where n >= 2).
-Optional EMA smoothing (per run, before averaging) is stated in the figure title.
+One line per method = mean over its runs (seeds) at each step, band = +- one std (where n >= 2),
+optional EMA smoothing per run before averaging. Figures carry no title: what a figure shows (sweep,
+smoothing, bands) is the paper's caption, and is written into the file's metadata (PDF Subject, PNG
+Description). ``size`` = "single" (one column) or "double" (text width); default by panel count.
+Only runs whose status is in ``statuses`` are drawn; a panel none of them logged says so, and names
+the left-out runs that did.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.lines import Line2D
 
 from analysis import style
 from analysis.load import Sweep
 from analysis.style import plt
 from analysis.tables import choose, eval_benchmarks, eval_key, method_labels
 
-TRAIN_PANELS = [("train/score_mean", "Reward (critic score)", "score"),
-                ("train/entropy", "Entropy", "entropy (nats/token)"),
+TRAIN_PANELS = [("train/score_mean", "Reward", "verifier score"),
+                ("train/entropy", "Entropy", "nats / token"),
                 ("train/response_length_mean", "Response length", "tokens")]
+SAME = 0.005  # curves closer than this share of the panel's y range are drawn interleaved
 
 
 def curves(sweep: Sweep, key: str, groups: dict[str, list[str]], smooth: float | None = None) -> dict[str, pd.DataFrame]:
@@ -44,46 +51,86 @@ def curves(sweep: Sweep, key: str, groups: dict[str, list[str]], smooth: float |
     return out
 
 
-def _draw(ax, data: dict[str, pd.DataFrame], styles: dict[str, style.Style], counts: dict[str, int]) -> None:
+def _coincident(data: dict[str, pd.DataFrame]) -> dict[str, tuple[int, int]]:
+    """{name: (i, k)}: the line is the i-th of k curves that lie on top of each other."""
+    values = np.concatenate([d["mean"].to_numpy(float) for d in data.values()])
+    span = np.nanmax(values) - np.nanmin(values) if np.isfinite(values).any() else 0.0
+    tol = SAME * (span or 1.0)
+    clusters: list[list[str]] = []
     for name, d in data.items():
-        st = styles[name]
+        for c in clusters:
+            ref = data[c[0]]
+            if np.array_equal(ref["step"], d["step"]) and np.allclose(ref["mean"], d["mean"], rtol=0, atol=tol,
+                                                                      equal_nan=True):
+                c.append(name)
+                break
+        else:
+            clusters.append([name])
+    return {name: (i, len(c)) for c in clusters for i, name in enumerate(c)}
+
+
+def _draw(ax, data: dict[str, pd.DataFrame], styles: dict[str, style.Style]) -> None:
+    """Mean lines with +-1 std bands; k coinciding lines get interleaved dashes (each shows 1/k of
+    the length, in its own colour) and staggered markers, so none hides another."""
+    place = _coincident(data)
+    for name, d in data.items():
+        st, (i, k) = styles[name], place[name]
         every = max(1, len(d) // 8)
-        ax.plot(d["step"], d["mean"], color=st.color, ls=st.linestyle, marker=st.marker, markersize=4,
-                markevery=every, label=f"{name} (n={counts[name]})")
+        ls, marks = st.linestyle, every
+        if k > 1:
+            ls, step = (3.0 * i, (3.0, 3.0 * (k - 1))), max(every, k)
+            marks = (i * step // k, step)
+        ax.plot(d["step"], d["mean"], color=st.color, ls=ls, marker=st.marker, markevery=marks)
         band = d["n"] >= 2
         ax.fill_between(d["step"], d["mean"] - d["std"], d["mean"] + d["std"], where=band.to_numpy(),
                         color=st.color, alpha=0.18, linewidth=0, interpolate=True)
 
 
+def _why_empty(sweep: Sweep, key: str, name: str, left_out: pd.DataFrame) -> str:
+    """The truth about a panel without data: no included run logged it; which left-out runs did."""
+    text = f"no included run logged {name}"
+    if len(left_out):
+        have = set(sweep.history(key)["run_id"].astype(str))
+        did = left_out[left_out["run_id"].astype(str).isin(have)]
+        statuses = ", ".join(sorted(left_out["status"].astype(str).unique()))
+        text += (f"; {len(did)} of {len(left_out)} run(s) left out by status ({statuses}) did" if len(did)
+                 else f" (nor did the {len(left_out)} run(s) left out by status: {statuses})")
+    return text
+
+
 def grid(sweep: Sweep, panels: list[tuple[str, str, str]], groups: dict[str, list[str]],
-         styles: dict[str, style.Style], title: str, ncols: int = 3, smooth: float | None = None):
-    """A grid of metric panels, one line per group, legend below the panels."""
+         styles: dict[str, style.Style], left_out: pd.DataFrame | None = None, size: str | None = None,
+         smooth: float | None = None, about: str = ""):
+    """Metric panels, one line per group, legend below; unused grid cells are removed."""
     style.apply_rc()
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.1 * nrows + 0.9), layout="constrained", squeeze=False)
-    counts = {g: len(ids) for g, ids in groups.items()}
-    for ax, (key, panel_title, ylabel) in zip(axes.flat, panels):
+    size = size or ("single" if len(panels) <= 2 else "double")
+    width = style.width(size)
+    nrows, ncols = style.grid_shape(len(panels), 2 if size == "single" else 3)
+    panel_h = min(0.75 * width / ncols, 2.2)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, nrows * panel_h), layout="constrained", squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        fig.delaxes(ax)
+    left_out = left_out if left_out is not None else sweep.runs.iloc[:0]
+    drawn: set[str] = set()
+    for ax, (key, title, ylabel) in zip(axes.flat, panels):
         data = curves(sweep, key, groups, smooth)
-        ax.set_title(panel_title)
-        ax.set_xlabel("RL step")
-        ax.set_ylabel(ylabel)
+        ax.set_title(style.pretty(title))
         if data:
-            _draw(ax, data, styles, counts)
-        else:
-            ax.text(0.5, 0.5, f"{key}\nnot logged", ha="center", va="center", transform=ax.transAxes, color="0.4")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    handles, labels = [], []
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    if handles:
-        ncol = len(labels) if len(labels) <= 4 else math.ceil(len(labels) / math.ceil(len(labels) / 4))
-        fig.legend(handles, labels, loc="outside lower center", ncol=ncol, frameon=False)
+            ax.set(xlabel="RL step", ylabel=style.pretty(ylabel))
+            _draw(ax, data, styles)
+            drawn.update(data)
+        else:  # a message instead of axes with made-up ticks
+            chars = int(ax.get_position().width * width * 72 / (0.6 * plt.rcParams["font.size"]))
+            ax.set(xticks=[], yticks=[])
+            ax.text(0.5, 0.5, style.wrap(_why_empty(sweep, key, style.pretty(title), left_out), chars),
+                    ha="center", va="center", transform=ax.transAxes, color="0.35")
+    names = [g for g in groups if g in drawn]
+    if names:
+        handles = [Line2D([], [], color=styles[g].color, ls=styles[g].linestyle, marker=styles[g].marker)
+                   for g in names]
+        style.legend_below(fig, handles, [style.pretty(f"{g} (n={len(groups[g])})") for g in names])
     note = f"; EMA smoothing {smooth:g} per run" if smooth else ""
-    fig.suptitle(f"{title}\nline = mean over runs (seeds), band = ± 1 std{note}", fontsize=10)
+    fig.rpg_about = f"{about}; line = mean over runs (seeds), band = +-1 std{note}"
     return fig
 
 
@@ -108,28 +155,42 @@ def _eval_panels(sweep: Sweep, benches, k, stat: str, n: int = 3) -> list[tuple[
     return [(eval_key(sweep, b, stat, k), f"{style.bench_label(b)} {stat}@{k}", "accuracy") for b in benches[:n]]
 
 
-def _finished(sweep: Sweep, statuses) -> pd.DataFrame:
-    return sweep.runs[sweep.runs["status"].isin(statuses)]
+def _included(sweep: Sweep, statuses, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs drawn, runs left out by status); a warning names the left-out ones."""
+    runs = sweep.runs
+    keep = runs["status"].isin(statuses)
+    left = runs[~keep]
+    if not keep.any():
+        raise ValueError(f"no run of {sweep.experiment!r} has a status in {list(statuses)} "
+                         f"(have: {runs['status'].value_counts().to_dict()}); nothing to draw for {what}")
+    if len(left):
+        names = ", ".join(f"{r.run_name} ({r.status})" for r in left.itertuples())
+        warnings.warn(f"{what}: {len(left)} run(s) not drawn, status not in {list(statuses)}: {names}", stacklevel=3)
+    return runs[keep], left
 
 
-def dynamics(sweep: Sweep, benches=None, k=None, group_by=("algo",), statuses=("FINISHED",), smooth=None):
-    runs = _finished(sweep, statuses)
+def _about(sweep: Sweep, what: str, statuses) -> str:
+    return f"{what} of sweep {sweep.experiment!r}, runs with status {'/'.join(statuses)}"
+
+
+def dynamics(sweep: Sweep, benches=None, k=None, group_by=("algo",), statuses=("FINISHED",), smooth=None, size=None):
+    runs, left = _included(sweep, statuses, "dynamics")
     groups, styles = _method_groups(runs, group_by)
     panels = _eval_panels(sweep, benches, k, "mean") + TRAIN_PANELS
-    return grid(sweep, panels, groups, styles, f"{sweep.experiment}: training dynamics", smooth=smooth)
+    return grid(sweep, panels, groups, styles, left, size, smooth, _about(sweep, "training dynamics", statuses))
 
 
-def passk(sweep: Sweep, benches=None, k=None, group_by=("algo",), statuses=("FINISHED",), smooth=None):
-    runs = _finished(sweep, statuses)
+def passk(sweep: Sweep, benches=None, k=None, group_by=("algo",), statuses=("FINISHED",), smooth=None, size=None):
+    runs, left = _included(sweep, statuses, "passk")
     groups, styles = _method_groups(runs, group_by)
     panels = _eval_panels(sweep, benches, k, "pass")
-    return grid(sweep, panels, groups, styles, f"{sweep.experiment}: pass@k", ncols=len(panels), smooth=smooth)
+    return grid(sweep, panels, groups, styles, left, size, smooth, _about(sweep, "pass@k", statuses))
 
 
 def ablation(sweep: Sweep, columns: tuple[str, ...], names: tuple[str, ...], what: str, benches=None, k=None,
-             statuses=("FINISHED",), smooth=None):
+             statuses=("FINISHED",), smooth=None, size=None):
     """Runs of algorithms that were run with more than one setting of ``columns``; one line per setting."""
-    runs = _finished(sweep, statuses)
+    runs, left = _included(sweep, statuses, f"{what} ablation")
     missing = [c for c in ("algo", *columns) if c not in runs]
     if missing:
         raise ValueError(f"{what} ablation needs run columns {missing} (params/tags); none logged in {sweep.experiment!r}")
@@ -146,15 +207,16 @@ def ablation(sweep: Sweep, columns: tuple[str, ...], names: tuple[str, ...], wha
     groups = {lab: runs.loc[label == lab, "run_id"].astype(str).tolist() for lab, _ in order}
     styles = dict(zip(groups, style.variant_styles(len(groups))))
     panels = _eval_panels(sweep, benches, k, "mean") + TRAIN_PANELS
-    return grid(sweep, panels, groups, styles, f"{sweep.experiment}: {what} ablation", smooth=smooth)
+    return grid(sweep, panels, groups, styles, left, size, smooth, _about(sweep, f"{what} ablation", statuses))
 
 
 def clip_ablation(sweep: Sweep, **kw):
-    return ablation(sweep, ("algo.clip_low", "algo.clip_high"), ("ε_low", "ε_high"), "clip-ratio", **kw)
+    return ablation(sweep, ("algo.clip_low", "algo.clip_high"), ("clip_low", "clip_high"), "clip-ratio", **kw)
 
 
 def kl_ablation(sweep: Sweep, **kw):
-    return ablation(sweep, ("algo.kl_coef", "algo.ref_update"), ("β", "ref"), "KL coefficient / reference", **kw)
+    return ablation(sweep, ("algo.kl_coef", "algo.ref_update"), ("kl_coef", "ref_update"), "KL coefficient / reference",
+                    **kw)
 
 
 # ----------------------------------------------------------------------------- Figures 2 and 3
@@ -178,7 +240,7 @@ def loss_curve(name: str, ws: np.ndarray, advantage: float, params) -> tuple[np.
 
 
 def loss_shapes(clip_low: float = 0.2, clip_high: float = 0.28, dual_clip_c: float = 2.0, kl_coef: float = 0.0,
-                w_max: float = 2.6) -> dict[str, object]:
+                w_max: float = 2.6, size: str = "double") -> dict[str, object]:
     """{"loss_shape_fully_differentiable": Figure 2, "loss_shape_reinforce": Figure 3}."""
     from rpg.core.losses import LossParams
 
@@ -186,44 +248,51 @@ def loss_shapes(clip_low: float = 0.2, clip_high: float = 0.28, dual_clip_c: flo
     params = LossParams(kl_coef=kl_coef, clip_low=clip_low, clip_high=clip_high, dual_clip_c=dual_clip_c,
                         level="sequence", agg="seq-mean")
     ws = np.linspace(0.3, w_max, 181)
+    width = style.width(size)
+    marks = {1 - clip_low: r"$1-\epsilon_{\mathrm{low}}$", 1 + clip_high: r"$1+\epsilon_{\mathrm{high}}$",
+             dual_clip_c: r"$c$"}
+    ylabels = ("per-sample loss $L$", "gradient weight\n" r"$-\partial L/\partial\log\pi(x)$")
     figs = {}
     for fname, loss_name, what in (("loss_shape_fully_differentiable", "rpg_ufkl", "fully differentiable (Figure 2)"),
                                    ("loss_shape_reinforce", "rpg_rf_ufkl", "REINFORCE-style, RPG-Style Clip (Figure 3)")):
-        fig, axes = plt.subplots(2, 2, figsize=(9, 5.6), layout="constrained", sharex=True)
+        fig, axes = plt.subplots(2, 2, figsize=(width, 0.62 * width), layout="constrained", sharex=True)
         for col, adv in enumerate((1.0, -1.0)):
             loss, weight = loss_curve(loss_name, ws, adv, params)
             flows = np.abs(weight) > 1e-12
-            for row, (y, ylab) in enumerate(((loss, "per-sample loss L"), (weight, "gradient weight  −∂L/∂log π(x)"))):
+            for row, y in enumerate((loss, weight)):
                 ax = axes[row, col]
                 ax.plot(ws, np.where(flows, y, np.nan), color=style.BLUE, label="gradient flows")
-                ax.plot(ws, np.where(flows, np.nan, y), color=style.PURPLE, ls=":", lw=2.2, label="no gradient")
-                marks = {1 - clip_low: "1−ε_low", 1 + clip_high: "1+ε_high", dual_clip_c: "c"}
+                ax.plot(ws, np.where(flows, np.nan, y), color=style.PURPLE, ls=":", lw=1.8, label="no gradient")
                 for x in marks:
-                    ax.axvline(x, color="0.55", lw=0.8, ls="--")
-                ax.set_ylabel(ylab)
+                    ax.axvline(x, color="0.55", lw=0.6, ls="--")
+                ax.set_ylabel(ylabels[row])
                 if row == 0:
                     top = ax.secondary_xaxis("top")
-                    top.set_xticks(list(marks), list(marks.values()), fontsize=8)
+                    top.set_xticks(list(marks), list(marks.values()))
                     top.tick_params(length=0)
-                    ax.set_title(f"A = {adv:+g}", pad=16)
+                    ax.set_title(f"$A = {adv:+g}$")
                 else:
-                    ax.set_xlabel("importance weight w = π_θ(x) / π_old(x)")
+                    ax.set_xlabel(r"importance weight $w = \pi_\theta(x)\,/\,\pi_{\mathrm{old}}(x)$")
         handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False)
-        fig.suptitle(f"{loss_name}: {what}; β={kl_coef:g}, ε_low={clip_low:g}, ε_high={clip_high:g}, "
-                     f"c={dual_clip_c:g}, log π(x) = −1", fontsize=10)
+        fig.legend(handles, labels, loc="outside lower center", ncol=2)
+        fig.rpg_about = (f"{loss_name}: {what}; beta={kl_coef:g}, eps_low={clip_low:g}, eps_high={clip_high:g}, "
+                         f"c={dual_clip_c:g}, log pi(x) = -1")
         figs[fname] = fig
     return figs
 
 
 def save(fig, out_dir: Path, name: str, formats=("png", "pdf")) -> list[Path]:
+    """Write the figure at its declared (print) size, TrueType fonts, what it shows in the metadata."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    about = getattr(fig, "rpg_about", "")
+    meta = {"pdf": {"Subject": about}, "png": {"Description": about}}
     paths = []
-    for ext in formats:
-        path = out_dir / f"{name}.{ext}"
-        fig.savefig(path)
-        paths.append(path)
+    with plt.rc_context(style.SAVE_RC):
+        for ext in formats:
+            path = out_dir / f"{name}.{ext}"
+            fig.savefig(path, metadata=meta.get(ext))
+            paths.append(path)
     plt.close(fig)
     return paths
 
