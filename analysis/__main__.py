@@ -126,7 +126,7 @@ def _run(name, fig, sweep, args, out, formats, statuses, group_by, benches, tabl
         for fname, f in figures.loss_shapes(dual_clip_c=args.loss_c).items():
             paths += figures.save(f, fig_dir, fname, formats)
         return paths
-    kw = dict(benches=benches, k=args.k, statuses=statuses, smooth=args.smooth)
+    kw = dict(benches=benches, k=args.k, statuses=statuses, smooth=args.smooth, where=parse_where(args.where))
     if fig in ("dynamics", "passk"):
         kw["group_by"] = group_by
     return figures.save(figures.FIGURES[fig](sweep, **kw), fig_dir, fig, formats)

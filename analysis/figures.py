@@ -27,6 +27,7 @@ from matplotlib.lines import Line2D
 from analysis import style
 from analysis.load import Sweep
 from analysis.style import plt
+from analysis.select import select
 from analysis.tables import choose, eval_benchmarks, eval_key, method_labels
 
 TRAIN_PANELS = [("train/score_mean", "Reward", "verifier score"),
@@ -155,42 +156,51 @@ def _eval_panels(sweep: Sweep, benches, k, stat: str, n: int = 3) -> list[tuple[
     return [(eval_key(sweep, b, stat, k), f"{style.bench_label(b)} {stat}@{k}", "accuracy") for b in benches[:n]]
 
 
-def _included(sweep: Sweep, statuses, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(runs drawn, runs left out by status); a warning names the left-out ones."""
+def _included(sweep: Sweep, statuses, what: str, where=None, group_by=("algo",)) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs drawn, runs left out by status), chosen as the tables choose them (analysis.select: --where
+    filters, one run per configuration); a warning names the left-out ones. Runs that differ in a setting
+    other than the method's are refused: one figure would average them."""
     runs = sweep.runs
-    keep = runs["status"].isin(statuses)
-    left = runs[~keep]
-    if not keep.any():
+    if not runs["status"].isin(statuses).any():
         raise ValueError(f"no run of {sweep.experiment!r} has a status in {list(statuses)} "
                          f"(have: {runs['status'].value_counts().to_dict()}); nothing to draw for {what}")
+    selection = select(runs, statuses, group_by, where)
+    if selection.split_keys:
+        values = {k: sorted(selection.runs[k].astype(str).unique()) for k in selection.split_keys}
+        raise ValueError(f"{what}: the runs differ in {', '.join(selection.split_keys)} ({values}); one figure "
+                         "would average them: pick one with --where KEY=VALUE")
+    left = runs[~runs["status"].isin(statuses)]
     if len(left):
         names = ", ".join(f"{r.run_name} ({r.status})" for r in left.itertuples())
         warnings.warn(f"{what}: {len(left)} run(s) not drawn, status not in {list(statuses)}: {names}", stacklevel=3)
-    return runs[keep], left
+    return selection.runs, left
 
 
 def _about(sweep: Sweep, what: str, statuses) -> str:
     return f"{what} of sweep {sweep.experiment!r}, runs with status {'/'.join(statuses)}"
 
 
-def dynamics(sweep: Sweep, benches=None, k=None, group_by=("algo",), statuses=("FINISHED",), smooth=None, size=None):
-    runs, left = _included(sweep, statuses, "dynamics")
+def dynamics(sweep: Sweep, benches=None, k=None, group_by=("algo",), statuses=("FINISHED",), smooth=None, size=None,
+            where=None):
+    runs, left = _included(sweep, statuses, "dynamics", where, group_by)
     groups, styles = _method_groups(runs, group_by)
     panels = _eval_panels(sweep, benches, k, "mean") + TRAIN_PANELS
     return grid(sweep, panels, groups, styles, left, size, smooth, _about(sweep, "training dynamics", statuses))
 
 
-def passk(sweep: Sweep, benches=None, k=None, group_by=("algo",), statuses=("FINISHED",), smooth=None, size=None):
-    runs, left = _included(sweep, statuses, "passk")
+def passk(sweep: Sweep, benches=None, k=None, group_by=("algo",), statuses=("FINISHED",), smooth=None, size=None,
+            where=None):
+    runs, left = _included(sweep, statuses, "passk", where, group_by)
     groups, styles = _method_groups(runs, group_by)
     panels = _eval_panels(sweep, benches, k, "pass")
     return grid(sweep, panels, groups, styles, left, size, smooth, _about(sweep, "pass@k", statuses))
 
 
 def ablation(sweep: Sweep, columns: tuple[str, ...], names: tuple[str, ...], what: str, benches=None, k=None,
-             statuses=("FINISHED",), smooth=None, size=None):
-    """Runs of algorithms that were run with more than one setting of ``columns``; one line per setting."""
-    runs, left = _included(sweep, statuses, f"{what} ablation")
+             statuses=("FINISHED",), smooth=None, size=None, where=None):
+    """Runs of algorithms that were run with more than one setting of ``columns``; one line per setting
+    (and per any other ``algo.*`` setting that varies: lines never average unlike runs)."""
+    runs, left = _included(sweep, statuses, f"{what} ablation", where)
     missing = [c for c in ("algo", *columns) if c not in runs]
     if missing:
         raise ValueError(f"{what} ablation needs run columns {missing} (params/tags); none logged in {sweep.experiment!r}")
@@ -201,8 +211,11 @@ def ablation(sweep: Sweep, columns: tuple[str, ...], names: tuple[str, ...], wha
         raise ValueError(f"no algorithm in {sweep.experiment!r} was run with more than one ({', '.join(columns)}); "
                          f"nothing to compare for the {what} ablation")
     runs = runs[keep]
-    label = runs["algo"].astype(str).map(style.label) + "  " + runs[list(columns)].apply(
-        lambda r: ", ".join(f"{n}={v:g}" if isinstance(v, (int, float)) else f"{n}={v}" for n, v in zip(names, r)), axis=1)
+    others = [c for c in runs.columns if c.startswith("algo.") and c not in columns and c != "algo.name"
+              and runs.groupby("algo")[c].nunique(dropna=False).gt(1).any()]
+    label = runs["algo"].astype(str).map(style.label) + "  " + runs[[*columns, *others]].apply(
+        lambda r: ", ".join(f"{n}={v:g}" if isinstance(v, (int, float)) else f"{n}={v}"
+                            for n, v in zip([*names, *(c.split(".", 1)[1] for c in others)], r)), axis=1)
     order = sorted(dict.fromkeys(zip(label, runs["algo"])), key=lambda p: (style.order_key(p[1]), p[0]))
     groups = {lab: runs.loc[label == lab, "run_id"].astype(str).tolist() for lab, _ in order}
     styles = dict(zip(groups, style.variant_styles(len(groups))))

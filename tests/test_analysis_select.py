@@ -92,3 +92,13 @@ def test_best_may_include_step0_when_asked(store, tmp_path):
     table, _ = tables(store, tmp_path, "--best-includes-step0", "--where", "data.max_response_len=4096")
     best = table[(table["algo"] == "rpg_fkl") & (table["metric"] == "best")]
     assert best["mean"].iloc[0] == pytest.approx(0.95)
+
+
+def test_a_figure_of_unlike_runs_is_refused_until_one_setting_is_picked(store, tmp_path, capsys):
+    uri, _ = store
+    args = ["--experiment", "mixed", "--tracking-uri", uri, "--out", str(tmp_path), "--no-cache",
+            "--only", "dynamics", "--formats", "png"]
+    assert main(args) == 2
+    assert "the runs differ in data.max_response_len, steps" in capsys.readouterr().err
+    assert main(args + ["--where", "data.max_response_len=4096", "--where", "steps=20"]) == 0
+    assert (tmp_path / "figures" / "dynamics.png").is_file()
