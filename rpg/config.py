@@ -164,7 +164,7 @@ class RunConfig:
     save_every: int = 1  # checkpoint every N steps (0 = only at the end and on preemption)
     resume: str = "auto"  # auto: continue from out_dir's last checkpoint if any | never
     out_dir: Optional[str] = None  # None: Hydra's run directory
-    sweep: str = "default"  # sweep name; groups runs in MLflow
+    sweep: str = "rpg"  # sweep name: the MLflow experiment and output folder that group runs
     name: Optional[str] = None  # the run's name (MLflow, progress bar); None: <algo>-<model>-<data>-s<seed>
     cache_dir: Optional[str] = None  # warm starts and derived data; None: <project>/.cache
     dry_run: bool = False  # validate, print the size/memory/tokens estimate of rpg.plan, and exit

@@ -52,7 +52,10 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 TRUNCATION_MARKER = "...[truncated; full value in artifact params_full_values.json]"
 # MLflow's HTTP layer by default retries 7 times with growing backoff (minutes) and waits 120 s per
 # request; the tracker retries by itself, so requests should fail fast. Values already set win.
-HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# no MLflow retries (the tracker has its own) and no MLflow "View run" links (they open the GenAI view;
+# a run prints its ui_link instead)
+HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+                     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def _now_ms() -> int:

@@ -66,7 +66,7 @@ def writable_dir(path: Path) -> Path:
 
 
 def run_summary(name: str, first: dict, last: dict, steps: int, out_dir: Path, run_id: str | None,
-                store: str | None, finished_before: bool = False) -> str:
+                store: str | None, finished_before: bool = False, ui_link: str | None = None) -> str:
     """What a finished run found and where it is: held-out accuracy at the first and last evaluation
     (greedy where measured, else every mean@k), the MLflow run and the output folder. ``finished_before``:
     the command found its run already complete (it says so, and how to start a fresh one)."""
@@ -79,6 +79,8 @@ def run_summary(name: str, first: dict, last: dict, steps: int, out_dir: Path, r
     if run_id and store:
         browse = f"; browse with: mlflow ui --backend-store-uri {store}" if store.startswith("sqlite") else ""
         lines.append(f"  MLflow run {run_id} in {store}{browse}")
+        if ui_link:
+            lines.append(f"  its experiment's runs in the MLflow UI (model-training view): {ui_link}")
     lines.append(f"  outputs and checkpoints: {out_dir}")
     return "\n".join(lines)
 
@@ -228,5 +230,6 @@ def run(cfg) -> dict[str, float]:
     if backend.is_main:
         (out_dir / FINAL_METRICS).write_text(json.dumps(final, indent=1))
         log.info("%s", run_summary(run_name(cfg), first_eval, final, cfg.steps, out_dir, run_id,
-                                   getattr(tracker, "display_uri", None), finished_before))
+                                   getattr(tracker, "display_uri", None), finished_before,
+                                   getattr(tracker, "ui_link", None)))
     return final

@@ -322,6 +322,9 @@ def test_a_run_ends_by_saying_what_it_found_and_where(tmp_path, fast_overrides):
     assert "eval/toy/greedy_acc: " in out and f"-> {final['eval/toy/greedy_acc']:.3f}" in out
     assert f"MLflow run {run_id} in sqlite:///{db}; browse with: mlflow ui --backend-store-uri sqlite:///{db}" in out
     assert f"outputs and checkpoints: {tmp_path / 'run'}" in out
+    exp = mlflow.MlflowClient(f"sqlite:///{db}").get_experiment_by_name("rpg").experiment_id
+    assert (f"model-training view): http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
+            in out)
 
 
 @pytest.mark.slow
@@ -420,7 +423,7 @@ def test_re_running_a_killed_command_resumes_its_run(tmp_path, fast_overrides):
                f"tracking.uri=sqlite:///{db}"]
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not list(tmp_path.glob("outputs/default/*/checkpoints/step_2.pt")):
+    while not list(tmp_path.glob("outputs/rpg/*/checkpoints/step_2.pt")):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -428,7 +431,7 @@ def test_re_running_a_killed_command_resumes_its_run(tmp_path, fast_overrides):
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout + again.stderr
-    folders = list((tmp_path / "outputs" / "default").iterdir())
+    folders = list((tmp_path / "outputs" / "rpg").iterdir())
     assert len(folders) == 1, folders
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -438,5 +441,5 @@ def test_re_running_a_killed_command_resumes_its_run(tmp_path, fast_overrides):
     fresh = subprocess.run(command + ["resume=never"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "resuming from" not in fresh.stdout + fresh.stderr
-    assert len(list((tmp_path / "outputs" / "default").iterdir())) == 2
+    assert len(list((tmp_path / "outputs" / "rpg").iterdir())) == 2
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == 2

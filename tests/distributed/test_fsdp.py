@@ -130,6 +130,6 @@ def test_one_command_starts_the_ranks_itself(tmp_path, fast_overrides):
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert (tmp_path / "run" / "checkpoints" / "step_2.dcp").is_dir()
     (run,) = mlflow.MlflowClient(f"sqlite:///{db}").search_runs(
-        [mlflow.MlflowClient(f"sqlite:///{db}").get_experiment_by_name("default").experiment_id])
+        [mlflow.MlflowClient(f"sqlite:///{db}").get_experiment_by_name("rpg").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
     assert "train/acc" in json.loads((tmp_path / "run" / "final_metrics.json").read_text())

@@ -57,7 +57,7 @@ def test_fsdp_run_through_the_hydra_slurm_launcher(slurm_cluster, tmp_path, cach
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("default").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("rpg").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/acc")] == [1, 2]
     out_dir = Path(run.data.tags["out_dir"])
