@@ -209,7 +209,7 @@ def run(cfg) -> dict[str, float]:
             final.update(metrics)
             if evaluating:
                 final.update(evaluate(done))  # logs its own metrics
-            bar.set_postfix(acc=f"{metrics['train/acc']:.2f}", kl=f"{metrics.get('kl/k3', 0):.1e}")
+            bar.set_postfix(batch_acc=f"{metrics['train/acc']:.2f}", kl=f"{metrics.get('kl/k3', 0):.1e}")  # training batch
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 tracker.persist()  # every metric so far is in the store or on disk before the checkpoint is
                 backend.save(ckpt_dir, done, {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything from scratch and run the whole test suite (what CI runs).
-# As root it also installs the Debian packages of the local SLURM cluster and the CPU build of vLLM
+# As root it also installs the Debian packages of the local SLURM cluster (and chromium, for the MLflow UI
+# check) and the CPU build of vLLM
 # (in .venv-vllm), so the SLURM and vLLM tests run instead of being skipped.
 # The whole suite (no arguments) then runs the tests marked `kernels` (exact resume, learning and clip
 # thresholds) again under a second CPU kernel set: avx2 where the machine's own is AVX-512, else the scalar set
@@ -11,6 +12,9 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ]; then
   ./slurm/local_cluster.sh install
   export RPG_REQUIRE_SLURM=1
+  # headless chromium for the MLflow UI check (tests/test_tracking_ui.py); it skips where none installs
+  command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    chromium >/tmp/chromium_apt.log 2>&1 || echo "chromium did not install (/tmp/chromium_apt.log): the browser check skips"
 fi
 if [ -x scripts/setup_vllm_cpu.sh ]; then
   ./scripts/setup_vllm_cpu.sh
