@@ -49,8 +49,9 @@ def tables(store, tmp_path, *extra):
     return pd.read_csv(out / "last_best.csv"), out
 
 
-def test_contexts_and_lengths_get_tables_of_their_own(store, tmp_path):
+def test_contexts_and_lengths_get_tables_of_their_own(store, tmp_path, capsys):
     table, out = tables(store, tmp_path)
+    assert (out / "last_best.md").read_text() in capsys.readouterr().out  # the command prints the main table
     cells = {(r.algo, r.data_len, r.steps, r.metric): r for r in
              table.rename(columns={"data.max_response_len": "data_len"}).itertuples()}
     assert set(cells) == {(a, c, 20, m) for a in ("grpo", "rpg_fkl") for c in (2048, 4096) for m in ("last", "best")} \
