@@ -76,8 +76,14 @@ class Learner:
             metrics["kl/k3_iw_after_update"] = (w_new * k3(new_logp, ref_logp) * mask).sum().item() / tokens
         refreshed = self.reference.after_update(self.module, self.optimizer_steps, metrics.get("kl/k3", 0.0))
         metrics.update({"train/entropy": (entropy * mask).sum().item() / tokens,
-                        "train/advantage_abs_mean": advantages.abs().mean().item(),
-                        "ref/refreshed": float(refreshed), "ref/kl_avg": self.reference.kl_avg})
+                        "train/advantage_abs_mean": advantages.abs().mean().item()})
+        mode = self.reference.mode
+        if mode in ("every_k", "kl_threshold"):  # the rules that refresh the anchor (every_step, never: never)
+            metrics["ref/refreshed"] = float(refreshed)
+        if mode == "kl_threshold":  # the only rule that reads the moving average
+            metrics["ref/kl_avg"] = self.reference.kl_avg
+        if self.reference.model is None:  # ref = old: rho = 1, never clamped
+            metrics.pop("is/frac_rho_clamped", None)
         if gens.sampler_logp is not None:  # vLLM: how far the sampler is from the trainer
             metrics.update(mismatch_metrics(gens.sampler_logp, old_logp, mask))
         if tis is not None:

@@ -101,8 +101,10 @@ def collect(engine, tokenizer, train: PromptSet, sampler: PromptSampler, cfg, re
     gens = concat_generations([_rows(g, s) for g, s, _, _ in kept])
     scores = torch.cat([s for _, _, s, _ in kept])
     acc = torch.cat([x for _, _, _, x in kept])
-    stats = {"rollout/gen_rounds": rounds, "rollout/groups_dropped": dropped, "reward/errors": errors,
-             "data/prompts_truncated": truncated_prompts}
+    stats = {"reward/errors": errors,  # health alarm, logged at 0: non-zero means the grader failed
+             "data/prompts_truncated": truncated_prompts}  # data alarm, logged at 0: prompts cut to max_prompt_len
+    if a.dynamic_sampling:  # without it every round is kept whole: 1 round, 0 dropped
+        stats.update({"rollout/gen_rounds": rounds, "rollout/groups_dropped": dropped})
     return ScoredBatch(gens, scores, acc, torch.arange(want).repeat_interleave(n), stats)
 
 

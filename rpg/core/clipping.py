@@ -24,6 +24,7 @@ class ClipBranches:
     low: torch.Tensor  # bool, negative signal below the trust region
     dual: torch.Tensor  # bool, negative signal at or above the dual-clip bound c
     bound: torch.Tensor  # the importance weight a clipped sample is frozen at (detached)
+    has_dual: bool = False  # a dual-clip bound c is configured (else ``dual`` is all False)
 
     @property
     def active(self) -> torch.Tensor:
@@ -44,7 +45,7 @@ def clip_branches(w: torch.Tensor, positive: torch.Tensor, params: LossParams) -
     bound = torch.where(high, 1.0 + params.clip_high, torch.where(low, 1.0 - params.clip_low, w))
     if c is not None:
         bound = torch.where(dual, torch.full_like(w, c), bound)
-    return ClipBranches(high, low, dual, bound)
+    return ClipBranches(high, low, dual, bound, has_dual=c is not None)
 
 
 def clipped_pg_term(w: torch.Tensor, adv: torch.Tensor, params: LossParams) -> tuple[torch.Tensor, ClipBranches]:
@@ -61,11 +62,11 @@ def clipped_pg_term(w: torch.Tensor, adv: torch.Tensor, params: LossParams) -> t
 def clip_metrics(branches: ClipBranches, valid: torch.Tensor, signal: torch.Tensor) -> dict[str, torch.Tensor]:
     """Shares of valid samples in each branch.  A sample whose learning signal (A, or psi for RPG-Style
     Clip) is 0 has no gradient on either side of a bound, so it never counts as clipped (as verl's
-    clipfrac, which counts where the clipped loss differs from the unclipped one)."""
+    clipfrac, which counts where the clipped loss differs from the unclipped one).  ``clip/frac_dual`` only
+    with a dual-clip bound: without one it is 0 by construction."""
     f = lambda b: masked_mean((b & (signal != 0)).to(valid.dtype), valid).detach()
-    return {
-        "clip/frac_high": f(branches.high),
-        "clip/frac_low": f(branches.low),
-        "clip/frac_dual": f(branches.dual),
-        "clip/frac_zero_grad": f(~branches.active),
-    }
+    metrics = {"clip/frac_high": f(branches.high), "clip/frac_low": f(branches.low)}
+    if branches.has_dual:
+        metrics["clip/frac_dual"] = f(branches.dual)
+    metrics["clip/frac_zero_grad"] = f(~branches.active)
+    return metrics
