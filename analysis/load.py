@@ -62,8 +62,8 @@ class Sweep:
 
 
 def resolve_uri(tracking_uri: str | None) -> str:
-    """The project's one rule (rpg.tracking_base.resolve_tracking_uri): default sqlite:///<cwd>/mlflow.db."""
-    from rpg.tracking_base import resolve_tracking_uri
+    """The project's one rule (rpg.tracking.base.resolve_tracking_uri): default sqlite:///<cwd>/mlflow.db."""
+    from rpg.tracking.base import resolve_tracking_uri
 
     return resolve_tracking_uri(tracking_uri)
 

@@ -7,7 +7,7 @@ Measured:
 
 - rollout tokens/s of the project's engine (rpg.rollout.vllm.VLLMEngine) vs plain ``vllm.LLM.generate``
   (in a separate process, same prompts, same sampling settings);
-- training tokens/s: forward + backward of rpg.logprobs.response_logprobs (gradient checkpointing on);
+- training tokens/s: forward + backward of rpg.models.logprobs.response_logprobs (gradient checkpointing on);
 - weight-sync seconds (VLLMEngine.sync_weights), sleep/wake seconds;
 - memory: this process's torch peak and the device's used memory in each phase (vLLM's engine runs in
   its own processes, so only the device-wide number includes it).
@@ -53,18 +53,18 @@ def hf_config(model_name: str, max_len: int | None = None):
 
 
 def check(model_name: str) -> None:
-    """CPU sanity: build the model on the meta device and compare its size with rpg.plan's count."""
+    """CPU sanity: build the model on the meta device and compare its size with rpg.launch.plan's count."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rpg.plan import Arch, param_count
+    from rpg.launch.plan import Arch, param_count
 
     config = hf_config(model_name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     built = sum(p.numel() for p in model.parameters())
     counted = param_count(Arch.from_dict(config.to_dict()))
-    print(f"{model_name}: {type(model).__name__}, {built:,} parameters built, {counted:,} by rpg.plan")
+    print(f"{model_name}: {type(model).__name__}, {built:,} parameters built, {counted:,} by rpg.launch.plan")
     if built != counted:
         raise SystemExit("parameter counts differ")
 
@@ -108,7 +108,7 @@ def project(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rpg.logprobs import response_logprobs
+    from rpg.models.logprobs import response_logprobs
     from rpg.models.tiny import build_char_tokenizer
     from rpg.rollout.base import SamplingParams
     from rpg.rollout.vllm import VLLMEngine

@@ -8,7 +8,7 @@ memory_allocated after set-up). A CPU child gets an address-space limit, so a va
 fails its allocation ("refused") instead of waking the kernel's OOM killer.
 
 Variants: ``naive`` (the model's own logits for all positions, then log_softmax) and ``chunk-C``
-(rpg.logprobs.response_logprobs with C positions per chunk; with gradients on, that function runs each
+(rpg.models.logprobs.response_logprobs with C positions per chunk; with gradients on, that function runs each
 chunk under torch.utils.checkpoint, so backward recomputes one chunk's logits at a time).
 Modes: ``score`` = no grad, log-probs and entropy (old/reference log-probs); ``train`` = log-probs with
 grad, then backward (the policy update).
@@ -47,7 +47,7 @@ def child(spec: dict) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     sys.path.insert(0, str(REPO))
-    from rpg.logprobs import response_logprobs
+    from rpg.models.logprobs import response_logprobs
 
     torch.manual_seed(0)
     torch.set_num_threads(spec["threads"])

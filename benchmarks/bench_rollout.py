@@ -16,7 +16,7 @@ import time
 import torch
 
 from rpg.models.tiny import build_char_tokenizer, build_tiny_model, load_tiny
-from rpg.toy_task import toy_problems
+from rpg.data.toy_task import toy_problems
 
 
 @torch.no_grad()

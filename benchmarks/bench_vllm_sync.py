@@ -26,7 +26,7 @@ def main() -> None:
     t0 = time.perf_counter()
     import torch
 
-    from rpg.logprobs import response_logprobs
+    from rpg.models.logprobs import response_logprobs
     from rpg.models.tiny import build_char_tokenizer, build_tiny_model
     from rpg.rollout.base import SamplingParams
     from rpg.rollout.hf import HFEngine

@@ -22,14 +22,14 @@ from hydra import compose, initialize_config_dir
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rpg.backend.local import LocalBackend  # noqa: E402
-from rpg.build import build_data, build_optimizer, build_policy  # noqa: E402
+from rpg.train.build import build_data, build_optimizer, build_policy  # noqa: E402
 from rpg.config import register_configs  # noqa: E402
-from rpg.learner import Learner  # noqa: E402
+from rpg.train.learner import Learner  # noqa: E402
 from rpg.main import CONF_DIR  # noqa: E402
-from rpg.reference import Reference, needs_model  # noqa: E402
+from rpg.train.reference import Reference, needs_model  # noqa: E402
 from rpg.rewards import get_reward_fn  # noqa: E402
 from rpg.rollout import make_engine  # noqa: E402
-from rpg.rollouts import PromptSampler, collect  # noqa: E402
+from rpg.train.rollouts import PromptSampler, collect  # noqa: E402
 
 
 def one_step(cfg, model, batch) -> tuple[torch.Tensor, dict]:

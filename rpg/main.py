@@ -1,6 +1,6 @@
 """Entry point: ``python -m rpg.main [overrides]`` or ``python -m rpg.main -m algo=a,b seed=1,2`` for sweeps.
 
-``python -m rpg.main dry_run=true [overrides]`` validates the config and prints rpg.plan's estimate
+``python -m rpg.main dry_run=true [overrides]`` validates the config and prints rpg.launch.plan's estimate
 (parameters, per-GPU memory, tokens per step) without loading a model or data.
 """
 
@@ -41,11 +41,11 @@ OmegaConf.register_new_resolver("run_folder", run_folder_name, replace=True)
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     if cfg.dry_run:  # validate and print the size/memory/tokens estimate; load nothing, run nothing
-        from rpg.plan import dry_run
+        from rpg.launch.plan import dry_run
 
         dry_run(cfg)
         return None
-    from rpg.ranks import start
+    from rpg.launch.ranks import start
 
     name_multirun_job(cfg)
     logging.getLogger("rpg").setLevel(logging.INFO)

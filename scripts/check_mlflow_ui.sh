@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks in a headless browser that the MLflow web UI shows the project's runs as the README says: the link
-# the tracker gives (MLflowTracker.ui_link; rpg.tracking_ui.runs_url) opens the experiment's runs in the
+# the tracker gives (MLflowTracker.ui_link; rpg.tracking.ui.runs_url) opens the experiment's runs in the
 # model-training view, with the run, its source and user and metric columns. As a control, the same
 # experiment opened without the link's parameters must show MLflow's GenAI view (so the check can tell
 # the two views apart).
@@ -8,7 +8,7 @@
 #   scripts/check_mlflow_ui.sh        # exit 0: as documented, 1: not, 77: no chromium here
 #
 # Needs chromium (Debian: apt-get install -y chromium; or CHROMIUM=/path/to/chrome). It starts a tracking
-# server (rpg.tracking_server) on a free port over a temporary store, logs one run through rpg.tracking,
+# server (rpg.tracking.server) on a free port over a temporary store, logs one run through rpg.tracking.tracker,
 # opens the pages and removes everything it made. About a minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +29,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port=$("$PY" -c "from rpg.tracking_server import free_port; print(free_port())")
-"$PY" -m rpg.tracking_server --port "$port" --backend-store-uri "sqlite:///$tmp/mlflow.db" \
+port=$("$PY" -c "from rpg.tracking.server import free_port; print(free_port())")
+"$PY" -m rpg.tracking.server --port "$port" --backend-store-uri "sqlite:///$tmp/mlflow.db" \
   --address-file "$tmp/address" >"$tmp/server.log" 2>&1 &
 server=$!
 for _ in $(seq 120); do
@@ -40,12 +40,12 @@ for _ in $(seq 120); do
 done
 url=$(cat "$tmp/address")
 
-# one run as training logs it: run tags from rpg.tracking_ui, metrics through the tracker's sender
+# one run as training logs it: run tags from rpg.tracking.ui, metrics through the tracker's sender
 "$PY" - "$url" "$tmp" >"$tmp/run.log" <<'EOF'
 import sys
 from omegaconf import OmegaConf
-from rpg.tracking import MLflowTracker
-from rpg.tracking_ui import run_tags
+from rpg.tracking.tracker import MLflowTracker
+from rpg.tracking.ui import run_tags
 
 url, tmp = sys.argv[1:]
 cfg = OmegaConf.create({"name": None, "algo": {"name": "grpo"}, "model": {"name": "tiny"},
@@ -90,7 +90,7 @@ check() {  # check URL NAME WANTED... : every word wanted (!word: absent) is on 
 status=0
 # the training view: its sidebar (Model registry), the run, its source and user, metric columns and values
 check "$link" "the link opens the runs in the model-training view" \
-  "Model registry" "ui-check-run" "rpg.train" "$(whoami)" "train/acc" "eval/toy/greedy_acc" "0.25" "0.75" \
+  "Model registry" "ui-check-run" "rpg.train.loop" "$(whoami)" "train/acc" "eval/toy/greedy_acc" "0.25" "0.75" \
   "!Observability" || status=1
 experiment=$(sed -E 's|.*#/experiments/([^/?]+).*|\1|' <<<"$link")
 check "$url/#/experiments/$experiment" "control: without the link's parameters MLflow shows its GenAI view" \

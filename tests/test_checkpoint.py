@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rpg.checkpoint import (
+from rpg.backend.checkpoint import (
     LATEST,
     list_checkpoints,
     load_latest_checkpoint,
@@ -118,7 +118,7 @@ def test_damaged_newest_checkpoint_falls_back_to_an_intact_one(tmp_path, damage,
     newest = tmp_path / "step_2.pt"
     data = newest.read_bytes()
     newest.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
-    with caplog.at_level("WARNING", logger="rpg.checkpoint"):
+    with caplog.at_level("WARNING", logger="rpg.backend.checkpoint"):
         ckpt = load_latest_checkpoint(tmp_path)
     assert ckpt["step"] == 1
     torch.testing.assert_close(ckpt["w"], torch.full((2,), 1.0), atol=0, rtol=0)

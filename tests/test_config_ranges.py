@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from rpg.config import ConfigError, RunConfig, validate
-from rpg.config_ranges import EVAL_SET_RANGES, RANGES, describe
+from rpg.config.ranges import EVAL_SET_RANGES, RANGES, describe
 
 #: free-form or non-numeric settings: names, paths, switches, nested mappings
 UNRANGED = {"algo.name", "model.name", "model.path", "model.warm_start", "model.arch", "data.name",
@@ -39,7 +39,7 @@ LEAVES = dict(leaf_fields(RunConfig))
 def test_every_numeric_and_enumerated_setting_has_a_range():
     missing = [k for k, kind in LEAVES.items()
                if base(kind) is not bool and k not in RANGES and k not in UNRANGED]
-    assert not missing, f"declare a range in rpg/config_ranges.py RANGES for {missing}"
+    assert not missing, f"declare a range in rpg/config/ranges.py RANGES for {missing}"
     assert not set(RANGES) - set(LEAVES), "RANGES names settings the schema does not have"
 
 

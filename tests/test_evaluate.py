@@ -7,7 +7,7 @@ from math import comb
 import numpy as np
 import pytest
 
-from rpg.evaluate import maj_at_k, mean_at_k, pass_at_k, pass_at_k_bootstrap, summarize_eval
+from rpg.train.evaluate import maj_at_k, mean_at_k, pass_at_k, pass_at_k_bootstrap, summarize_eval
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rpg.core.losses import POLICY_LOSSES, LossParams
-from rpg.train import run
+from rpg.train.loop import run
 
 #: key -> the setting that makes it measure something
 GATED = {

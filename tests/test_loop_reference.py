@@ -1,6 +1,6 @@
 """The trainer's RL step against a plain re-implementation of the paper's update, for every algorithm.
 
-The trainer side is rpg.learner.Learner as rpg.train runs it: old and reference log-probs micro-batch by
+The trainer side is rpg.train.learner.Learner as rpg.train.loop runs it: old and reference log-probs micro-batch by
 micro-batch, advantages, epochs x mini-batches x micro-batches (rows trimmed per micro-batch, losses
 normalised by mini-batch totals), gradient clipping, AdamW, the warm-up schedule stepped per RL step and
 the reference schedule.  The plain side is written here from rpg.core's loss and advantage functions
@@ -20,15 +20,15 @@ import pytest
 import torch
 
 from rpg.backend.local import LocalBackend, frozen_copy
-from rpg.build import build_optimizer
+from rpg.train.build import build_optimizer
 from rpg.config import loss_params
 from rpg.core.advantages import ADVANTAGES
 from rpg.core.losses import POLICY_LOSSES
-from rpg.learner import Learner
+from rpg.train.learner import Learner
 from rpg.models.tiny import build_char_tokenizer, build_tiny_model
-from rpg.reference import Reference, needs_model
+from rpg.train.reference import Reference, needs_model
 from rpg.rollout.base import Generations
-from rpg.rollouts import ScoredBatch
+from rpg.train.rollouts import ScoredBatch
 
 REPO = Path(__file__).resolve().parents[1]
 ALGOS = sorted(Path(p).stem for p in glob.glob(str(REPO / "conf" / "algo" / "*.yaml")))

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from rpg.mechanisms import inert_mechanisms
-from rpg.train import run
+from rpg.config.mechanisms import inert_mechanisms
+from rpg.train.loop import run
 
 
 def test_the_default_run_has_no_inert_mechanism(make_cfg):
@@ -42,7 +42,7 @@ def test_a_run_says_so_before_it_starts(make_cfg, caplog):
 
 
 def test_the_dry_run_lists_them(make_cfg):
-    from rpg.plan import dry_run
+    from rpg.launch.plan import dry_run
 
     out = io.StringIO()
     dry_run(make_cfg("ppo.mini_batch_size=16", "dry_run=true"), out=out)

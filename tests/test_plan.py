@@ -1,4 +1,4 @@
-"""The dry-run estimator (rpg.plan): exact parameter counts, memory terms, the CLI report and its warnings."""
+"""The dry-run estimator (rpg.launch.plan): exact parameter counts, memory terms, the CLI report and its warnings."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from rpg import plan
+from rpg.launch import plan
 from rpg.config import ConfigError, register_configs
 from rpg.main import CONF_DIR
-from rpg.sweep import load_sweep
+from rpg.launch.sweep import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 GPU = ["engine=gpu", "data=dapo_math_17k"]
@@ -107,7 +107,7 @@ def test_head_inputs_term_is_what_autograd_saves(dtype):
     """Every tensor saved for backward by the chunked log-prob head, outside its checkpoints, adds up to the term."""
     from types import SimpleNamespace
 
-    from rpg.logprobs import response_logprobs
+    from rpg.models.logprobs import response_logprobs
 
     rows, prompt, response, hidden, vocab, chunk = 3, 5, 40, 16, 1009, 16
     torch.manual_seed(0)

@@ -7,9 +7,9 @@ import logging
 import pytest
 from omegaconf import OmegaConf
 
-from rpg.tracking import MLflowTracker
-from rpg.tracking_base import TrackingError, flatten_params, redact
-from rpg.train import loggable_config
+from rpg.tracking.tracker import MLflowTracker
+from rpg.tracking.base import TrackingError, flatten_params, redact
+from rpg.train.loop import loggable_config
 
 URI = "http://alice:s3cret@127.0.0.1:9"
 
@@ -44,7 +44,7 @@ def test_params_and_config_yaml_carry_no_password(make_cfg):
 
 
 def test_tracker_log_lines_never_show_a_password(caplog):
-    log = logging.getLogger("rpg.tracking")
-    with caplog.at_level(logging.WARNING, logger="rpg.tracking"):
+    log = logging.getLogger("rpg.tracking.tracker")
+    with caplog.at_level(logging.WARNING, logger="rpg.tracking.tracker"):
         log.warning("tracking store %s unreachable (%s)", URI, f"API request to {URI}/api failed")
     assert "alice:***@127.0.0.1:9" in caplog.text and "s3cret" not in caplog.text

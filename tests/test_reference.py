@@ -1,4 +1,4 @@
-"""The reference-policy schedules of rpg.reference on the real tiny model: when the anchor moves, and to what."""
+"""The reference-policy schedules of rpg.train.reference on the real tiny model: when the anchor moves, and to what."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from rpg.backend.local import frozen_copy
 from rpg.models.tiny import build_char_tokenizer, build_tiny_model
-from rpg.reference import Reference
+from rpg.train.reference import Reference
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from rpg.build import build_data, build_policy
+from rpg.train.build import build_data, build_policy
 from rpg.rewards import get_reward_fn
 from rpg.rollout import make_engine
-from rpg.rollouts import PromptSampler, collect
+from rpg.train.rollouts import PromptSampler, collect
 
 
 def test_dynamic_sampling_keeps_groups_of_mixed_accuracy_only(make_cfg):

@@ -1,4 +1,4 @@
-"""Sweeps as data (rpg.sweep) and launcher settings (rpg.launch), without SLURM.
+"""Sweeps as data (rpg.launch.sweep) and launcher settings (rpg.launch.submit), without SLURM.
 
 Every sweeps/*.yaml file expands and composes against the schema; the skip/resubmit/submit decision is
 checked against a real sqlite MLflow store; one tiny sweep runs end to end with the inline launcher.
@@ -17,10 +17,11 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from rpg import launch, sweep
+from rpg.launch import submit as launch
+from rpg.launch import sweep
 from rpg.main import CONF_DIR
-from rpg.run_meta import Terminated, config_hash
-from rpg.tracking import MLflowTracker
+from rpg.tracking.identity import Terminated, config_hash
+from rpg.tracking.tracker import MLflowTracker
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -279,7 +280,7 @@ def test_sigterm_during_a_stop_lets_the_shutdown_finish(tmp_path):
     script = tmp_path / "sig.py"
     script.write_text(
         "import os, signal, time\n"
-        "from rpg.run_meta import Terminated, raise_on_sigterm\n"
+        "from rpg.tracking.identity import Terminated, raise_on_sigterm\n"
         "raise_on_sigterm()\n"
         "log = []\n"
         "try:\n"
@@ -305,7 +306,7 @@ def test_sigterm_during_a_stop_lets_the_shutdown_finish(tmp_path):
 
 def test_every_paper_sweep_run_has_its_own_name(tmp_path):
     # the clip ablation's two clip settings used to share one MLflow name per algo and seed
-    from rpg.run_meta import run_name
+    from rpg.tracking.identity import run_name
 
     for path in sorted((REPO / "sweeps").glob("*.yaml")):
         s = sweep.load_sweep(path)
@@ -314,7 +315,7 @@ def test_every_paper_sweep_run_has_its_own_name(tmp_path):
 
 
 def test_a_path_valued_setting_names_its_run_by_the_last_part():
-    from rpg.run_meta import settings_name
+    from rpg.tracking.identity import settings_name
 
     assert settings_name({"model.path": "/models/qwen3-4b", "seed": 1}) == "model.path=qwen3-4b,seed=1"
     with pytest.raises(ValueError, match="no usable run name"):

@@ -104,7 +104,7 @@ def test_char_encode_matches_the_tokenizer(tok):
 def test_policy_is_built_without_dropout(make_cfg, tmp_path, tok):
     # a checkpoint trained with dropout: scored in eval mode (old log-probs) and trained in train mode, it
     # would give w != 1 at identical weights; build_policy turns dropout off in every mode
-    from rpg.build import build_policy
+    from rpg.train.build import build_policy
 
     model = build_tiny_model(seed=0, tokenizer=tok)
     model.config.attention_dropout = 0.5

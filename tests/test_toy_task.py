@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from rpg.models.tiny import load_tiny
-from rpg.toy_task import (
+from rpg.data.toy_task import (
     MAX_RESPONSE_TOKENS,
     careless_response,
     carry_points,
@@ -22,7 +22,7 @@ from rpg.toy_task import (
     toy_sft_pairs,
     write_parquet,
 )
-from rpg.warmstart import WarmStartConfig, greedy_accuracy, kernel_tag, load_meta, warm_start
+from rpg.models.warmstart import WarmStartConfig, greedy_accuracy, kernel_tag, load_meta, warm_start
 
 
 def test_splits_are_disjoint_even_up_to_commutativity():
@@ -158,7 +158,7 @@ def test_concurrent_writers_of_one_cache_file_all_succeed(tmp_path):
 def test_the_shipped_warm_starts_record_is_its_held_out_accuracy():
     # 0.236 on the 500 held-out problems, recomputed from the shipped weights (greedy answers measured
     # identical under ATen avx2, avx512 and the scalar kernels)
-    from rpg.warmstart import SHIPPED_DIR
+    from rpg.models.warmstart import SHIPPED_DIR
 
     meta = load_meta(SHIPPED_DIR)
     model, tokenizer = load_tiny(SHIPPED_DIR)

@@ -9,7 +9,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from rpg.tracking import (
+from rpg.tracking.tracker import (
     MAX_PARAM_VAL_LENGTH,
     TRUNCATION_MARKER,
     MLflowTracker,
@@ -227,7 +227,7 @@ def test_null_tracker():
 RACER = """
 import sys, time
 uri, t0, i = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-from rpg.tracking import MLflowTracker
+from rpg.tracking.tracker import MLflowTracker
 while time.time() < t0:
     time.sleep(0.001)
 tracker = MLflowTracker(uri, output_dir=sys.argv[4], start_timeout_s=60)
@@ -257,8 +257,8 @@ def test_four_runs_starting_together_on_a_new_store_all_finish(tmp_path):
 
 def test_training_sweeps_and_analysis_find_the_same_store(make_cfg, tmp_path, monkeypatch):
     from analysis.load import resolve_uri
-    from rpg.sweep import _tracking
-    from rpg.train import tracking_uri
+    from rpg.launch.sweep import _tracking
+    from rpg.train.loop import tracking_uri
 
     monkeypatch.chdir(tmp_path)
     for env in (None, f"sqlite:///{tmp_path / 'env.db'}"):
@@ -280,14 +280,14 @@ def test_an_unreachable_server_fails_in_seconds_with_the_fix(tmp_path):
     import socket
     import time
 
-    from rpg.tracking_base import TrackingError
-    from rpg.tracking_store import open_store
+    from rpg.tracking.base import TrackingError
+    from rpg.tracking.store import open_store
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t = time.perf_counter()
     with pytest.raises(TrackingError, match=rf"no tracking server answers at http://u:\*\*\*@127.0.0.1:{port} .*"
-                                            r"start one \(`python -m rpg.tracking_server`\)"):
+                                            r"start one \(`python -m rpg.tracking.server`\)"):
         open_store(f"http://u:secret@127.0.0.1:{port}")
     assert time.perf_counter() - t < 10  # MLflow's own retries took 88 s

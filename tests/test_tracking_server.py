@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from rpg.tracking import MLflowTracker, upload_unsent
-from rpg.tracking_server import free_port, healthy, start_server
+from rpg.tracking.tracker import MLflowTracker, upload_unsent
+from rpg.tracking.server import free_port, healthy, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180  # a cold `mlflow server` start takes 8-30 s on a busy 2-core machine
@@ -38,7 +38,7 @@ def _group_alive(pgid: int) -> bool:
 def _start_cli(tmp_path, port, store, address):
     log = open(tmp_path / "cli.log", "wb")  # noqa: SIM115 - closed by the caller
     cli = subprocess.Popen(
-        [sys.executable, "-m", "rpg.tracking_server", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "rpg.tracking.server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", store, "--address-file", str(address)],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + START_TIMEOUT_S

@@ -15,8 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from rpg.tracking import MLflowTracker
-from rpg.tracking_ui import KIND_TAG, TRAINING_KIND, VIEW_TAG, run_tags, runs_url, view_state
+from rpg.tracking.tracker import MLflowTracker
+from rpg.tracking.ui import KIND_TAG, TRAINING_KIND, VIEW_TAG, run_tags, runs_url, view_state
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD_URI = "http://alice:s3cret@127.0.0.1:9"
@@ -97,13 +97,13 @@ def test_runs_carry_a_description_and_a_source_without_passwords(uri, tmp_path, 
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "submitit.core._submit", "/tmp/x"])
     tags = run_tags(small_cfg(), "unknown", False)
-    assert (tags["mlflow.source.name"], tags["mlflow.source.type"]) == ("rpg.train", "JOB")
+    assert (tags["mlflow.source.name"], tags["mlflow.source.type"]) == ("rpg.train.loop", "JOB")
     assert "- SLURM job 77" in tags["mlflow.note.content"] and "mlflow.source.git.commit" not in tags
 
 
 @pytest.mark.slow
 def test_a_training_run_has_them(make_cfg):
-    from rpg.train import run
+    from rpg.train.loop import run
 
     cfg = make_cfg("steps=1", "eval_every=0", tracking=True)
     run(cfg)

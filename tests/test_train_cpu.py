@@ -11,10 +11,10 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from rpg.checkpoint import load_latest_checkpoint
+from rpg.backend.checkpoint import load_latest_checkpoint
 from rpg.config import ConfigError
-from rpg.train import run
-from rpg.update import NonFiniteLossError
+from rpg.train.loop import run
+from rpg.train.update import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 ALGOS = sorted(Path(p).stem for p in glob.glob(str(REPO / "conf" / "algo" / "*.yaml")))
@@ -25,7 +25,7 @@ def final_params(cfg) -> dict[str, torch.Tensor]:
 
 
 def initial_params(cfg) -> dict[str, torch.Tensor]:
-    from rpg.build import build_policy
+    from rpg.train.build import build_policy
 
     return {k: v.clone() for k, v in build_policy(cfg)[0].state_dict().items()}
 
@@ -359,7 +359,7 @@ def test_a_run_through_a_tracking_outage_loses_nothing(make_cfg, tmp_path, fast_
     import subprocess
     import time
 
-    from rpg.tracking_server import free_port, start_server
+    from rpg.tracking.server import free_port, start_server
 
     steps = ["steps=6", "eval_every=2"]
     straight = make_cfg(*steps, out_dir=tmp_path / "straight", tracking=True)

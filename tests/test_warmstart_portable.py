@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from rpg import warmstart
-from rpg.warmstart import SHIPPED_DIR, WarmStartConfig, file_sha256, shipped_meta, warm_start
+from rpg.models import warmstart
+from rpg.models.warmstart import SHIPPED_DIR, WarmStartConfig, file_sha256, shipped_meta, warm_start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ import json, sys, torch
 from hydra import compose, initialize_config_dir
 sys.path.insert(0, sys.argv[2])
 from test_warmstart_portable import state_hash
-from rpg.build import build_policy
+from rpg.train.build import build_policy
 from rpg.main import CONF_DIR
 from rpg.config import register_configs
 register_configs()
@@ -52,7 +52,7 @@ def state_hash(model) -> str:
 def test_shipped_default_matches_its_record():
     meta = shipped_meta()
     assert meta is not None, f"{SHIPPED_DIR} is missing"
-    assert meta["key"] == WarmStartConfig().key(), "the defaults changed: regenerate with `python -m rpg.warmstart`"
+    assert meta["key"] == WarmStartConfig().key(), "the defaults changed: regenerate with `python -m rpg.models.warmstart`"
     assert file_sha256(SHIPPED_DIR / "model.safetensors") == meta["sha256"]
     assert meta["kernels"] == "torch2.13.0-avx2" and meta["pinned"] == warmstart.PINNED_KERNELS
     assert 0.15 <= meta["heldout_greedy_acc"] <= 0.4  # the careless demonstrator's level: RL has headroom
@@ -98,8 +98,8 @@ def test_other_settings_train_on_one_thread_and_key_on_the_kernel_set(tmp_path):
 
 @pytest.mark.slow
 def test_regeneration_script_reproduces_the_shipped_weights():
-    """`python -m rpg.warmstart --check` retrains under the pinned kernels (~20 s) and compares checksums."""
-    proc = subprocess.run([sys.executable, "-m", "rpg.warmstart", "--check"], capture_output=True, text=True,
+    """`python -m rpg.models.warmstart --check` retrains under the pinned kernels (~20 s) and compares checksums."""
+    proc = subprocess.run([sys.executable, "-m", "rpg.models.warmstart", "--check"], capture_output=True, text=True,
                           cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "identical" in proc.stdout

@@ -4,7 +4,7 @@
 ``fsdp``   torch.distributed + FSDP2, one process per GPU (or per CPU rank with gloo), launched by
            ``torchrun`` or as SLURM tasks (rpg/backend/fsdp.py is the only module that imports FSDP).
 
-Both expose the same small interface, so the RL loop in rpg/train.py is written once:
+Both expose the same small interface, so the RL loop in rpg/train/loop.py is written once:
 
   main_first(fn)         run fn on rank 0 first (builds caches), then on the other ranks
   reference_model(lm)    a frozen copy of the policy for the KL anchor (call before wrap)

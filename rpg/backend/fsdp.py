@@ -13,7 +13,7 @@ ranks (divide factor 1), so the step uses exactly the mini-batch gradient of one
 
 Checkpoints: model, optimizer and reference shards go to ``step_<n>.dcp/`` (torch.distributed.checkpoint,
 written to a temporary name and renamed by rank 0 once every rank has finished), the rest of the
-training state to the atomic ``step_<n>.pt`` of rpg.checkpoint, which is written last, with every rank's RNG
+training state to the atomic ``step_<n>.pt`` of rpg.backend.checkpoint, which is written last, with every rank's RNG
 state (ranks sample different prompts, so their streams differ; resume is exact only if each gets its own).
 """
 
@@ -32,11 +32,11 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from rpg import checkpoint
+from rpg.backend import checkpoint
 from rpg.backend.local import frozen_copy
 from rpg.models import DTYPES
 from rpg.config import ConfigError
-from rpg.logprobs import ResponseScorer
+from rpg.models.logprobs import ResponseScorer
 
 _PREFIX = "lm."
 
@@ -53,7 +53,7 @@ class FullWeights:
 
 def init_distributed(device: str, timeout_s: float = 1800.0) -> None:
     """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, torchrun's environment
-    (whoever started the ranks set it: torchrun, or rpg.ranks for SLURM tasks)."""
+    (whoever started the ranks set it: torchrun, or rpg.launch.ranks for SLURM tasks)."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:

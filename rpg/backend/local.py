@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from rpg import checkpoint
+from rpg.backend import checkpoint
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

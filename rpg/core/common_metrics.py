@@ -21,7 +21,7 @@ def sample_metrics(s: Samples, logp: torch.Tensor, old_logp: torch.Tensor, ref_l
                           off-policy too.
     is/frac_ratio_clamped, is/frac_rho_clamped: shares of samples whose log w or log rho hit max_log_ratio;
                           reported at sequence level only (a per-token ratio does not reach e^20 in
-                          practice, LossParams.max_log_ratio).  rpg.learner drops the rho share when
+                          practice, LossParams.max_log_ratio).  rpg.train.learner drops the rho share when
                           ref = old (rho = 1).
     """
     logp, mask = logp.detach(), mask.to(logp.dtype)

@@ -19,9 +19,9 @@ from omegaconf import OmegaConf
 from rpg.backend import make_backend
 from rpg.config import EngineConfig, PPOConfig
 from rpg.core.losses import POLICY_LOSSES, LossParams
-from rpg.logprobs import response_logprobs
+from rpg.models.logprobs import response_logprobs
 from rpg.models.tiny import build_char_tokenizer, build_tiny_model
-from rpg.update import RolloutBatch, policy_update
+from rpg.train.update import RolloutBatch, policy_update
 
 ROWS, PROMPT, RESPONSE, MINI = 16, 6, 10, 8
 
@@ -54,7 +54,7 @@ def main(out: str, loss: str, agg: str, micro: int, checkpointing: bool = False)
     backend = make_backend(cfg)
     lm = build_tiny_model(seed=0, tokenizer=build_char_tokenizer())
     batch = fixed_batch(lm)
-    if checkpointing:  # activation checkpointing as rpg.build enables it
+    if checkpointing:  # activation checkpointing as rpg.train.build enables it
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = backend.wrap(lm)
     optimizer = torch.optim.SGD(module.parameters(), lr=1.0)

@@ -1,5 +1,5 @@
 """FSDP ranks started as SLURM tasks: two tasks of one job join one process group from their SLURM
-environment (translated to torchrun's as rpg.ranks.start does, then rpg.backend.fsdp.init_distributed), as
+environment (translated to torchrun's as rpg.launch.ranks.start does, then rpg.backend.fsdp.init_distributed), as
 the GPU path starts one task per GPU;
 and a whole FSDP training run launched with hydra/launcher=slurm as one job of two tasks."""
 
@@ -23,9 +23,9 @@ def join_and_reduce() -> tuple[int, int, float, str]:
     import torch.distributed as dist
 
     from rpg.backend.fsdp import init_distributed
-    from rpg.launch import export_torch_distributed_env
+    from rpg.launch.submit import export_torch_distributed_env
 
-    export_torch_distributed_env()  # what rpg.ranks.start does in a SLURM task before the trainer joins
+    export_torch_distributed_env()  # what rpg.launch.ranks.start does in a SLURM task before the trainer joins
     init_distributed("cpu", timeout_s=60)
     t = torch.tensor([float(dist.get_rank() + 1)])
     dist.all_reduce(t)

@@ -19,8 +19,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from rpg import launch, sweep
-from rpg.tracking_server import healthy
+from rpg.launch import submit as launch
+from rpg.launch import sweep
+from rpg.tracking.server import healthy
 
 pytestmark = pytest.mark.slurm
 
@@ -89,7 +90,7 @@ def test_reissued_sweep_submits_only_missing_runs(hydra_sweep, slurm_cluster, tm
     failing = {"algo": "rpg_rf_fkl", "seed": 1, "algo.kl_coef": 1.0, "optim.lr": 1.0e30}  # non-finite loss
     path = sweep_file(tmp_path / "half.yaml", SWEEP, JOB, {"algo": ["rpg_rf_urkl", "grpo"], "seed": [1, 2, 3]},
                       [failing])
-    args = ["-m", "rpg.sweep", str(path), "--launcher", "slurm", "--profile", "local_test", "--runs-root",
+    args = ["-m", "rpg.launch.sweep", str(path), "--launcher", "slurm", "--profile", "local_test", "--runs-root",
             str(root / "runs"), f"tracking.uri={uri}", f"cache_dir={hydra_sweep['cache_dir']}"]
     _, before = experiment_runs(uri, SWEEP)
 
@@ -247,7 +248,7 @@ def test_preempted_hydra_job_resumes_into_the_same_mlflow_run(slurm_cluster, ref
 
 def test_tracking_server_runs_as_a_slurm_job(slurm_cluster, tmp_path):
     address = tmp_path / "tracking_address"
-    proc = cli("-m", "rpg.launch", "server", "--profile", "local_test", "--address-file", str(address),
+    proc = cli("-m", "rpg.launch.submit", "server", "--profile", "local_test", "--address-file", str(address),
                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1", "--hours", "0.2",
                "--timeout", "120", cwd=tmp_path, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr

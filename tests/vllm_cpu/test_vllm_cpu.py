@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rpg.logprobs import response_logprobs
+from rpg.models.logprobs import response_logprobs
 from rpg.models.tiny import build_char_tokenizer, build_tiny_model, save_tiny
 from rpg.rollout.base import SamplingParams
 from rpg.rollout.hf import HFEngine

@@ -7,7 +7,7 @@ Nothing is loaded: the architecture comes from ``model.path/config.json`` when t
 steady state, built from these assumptions (bytes per GPU, ``world = engine.num_gpus x engine.nodes``):
 
 - weights, gradients and both AdamW moments live in ``engine.param_dtype``, sharded over ``world``
-  (backend=fsdp); backend=local keeps them whole, in ``engine.dtype`` (what rpg.build does);
+  (backend=fsdp); backend=local keeps them whole, in ``engine.dtype`` (what rpg.train.build does);
 - FSDP gathers the root module (embeddings, final norm, output head) and two decoder layers (the one
   running and the prefetched one) in ``engine.dtype``; one layer's and the root's unsharded gradients
   exist at a time, in float32 (the reduce dtype under mixed precision);
@@ -22,7 +22,7 @@ steady state, built from these assumptions (bytes per GPU, ``world = engine.num_
   (H hidden, q = heads x head_dim, kv = kv_heads x head_dim, I intermediate), what autograd keeps for
   RMSNorm, q/k/v/o, RoPE, SDPA attention and the SwiGLU MLP; with gradient checkpointing only each
   layer's input (H values) is kept, plus one layer's full set while it is recomputed;
-- rpg.logprobs.response_logprobs projects ``engine.logprob_chunk`` positions at a time to the vocabulary
+- rpg.models.logprobs.response_logprobs projects ``engine.logprob_chunk`` positions at a time to the vocabulary
   in float32; with gradients on, each chunk runs under activation checkpointing, so no logits are kept
   for backward. What the micro-batch keeps is what the checkpoints save, the head's inputs: the final
   hidden states of the response positions ([responses x response_len, hidden] in ``engine.dtype``) and
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rpg.config import ranks_per_node
-from rpg.mechanisms import inert_mechanisms, optimizer_steps_per_rl_step
+from rpg.config.mechanisms import inert_mechanisms, optimizer_steps_per_rl_step
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -198,7 +198,7 @@ def resolve_arch(cfg) -> tuple[Arch, str, list[str]]:
     m, warnings = cfg.model, []
     if m.kind == "tiny":
         from rpg.models.tiny import build_char_tokenizer
-        from rpg.warmstart import WarmStartConfig
+        from rpg.models.warmstart import WarmStartConfig
 
         w = WarmStartConfig(**{k: v for k, v in dict(m.warm_start).items() if k in WarmStartConfig.__dataclass_fields__})
         arch = {"model_type": "qwen2", "vocab_size": len(build_char_tokenizer()), "hidden_size": w.hidden,
@@ -338,7 +338,7 @@ def dry_run(cfg, out=None) -> dict:
     """Validate ``cfg``, print the report; returns the estimate."""
     import sys
 
-    from rpg.build import check_toy_split
+    from rpg.train.build import check_toy_split
     from rpg.config import validate
 
     validate(cfg)

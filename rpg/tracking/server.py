@@ -1,6 +1,6 @@
 r"""Start and stop an MLflow tracking server (for a workstation or a SLURM allocation).
 
-    python -m rpg.tracking_server --host 0.0.0.0 --port 5000 \
+    python -m rpg.tracking.server --host 0.0.0.0 --port 5000 \
         --backend-store-uri sqlite:////shared/rpg/mlflow.db --address-file /shared/rpg/tracking_address
 
 starts `mlflow server` in its own process group, waits until GET /health answers, writes
@@ -166,7 +166,7 @@ def start_server(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rpg.tracking_server", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m rpg.tracking.server", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other nodes")
     p.add_argument("--port", type=int, default=5000)

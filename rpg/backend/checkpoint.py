@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger("rpg.checkpoint")
+log = logging.getLogger("rpg.backend.checkpoint")
 
 LATEST = "latest"
 _NAME = re.compile(r"^step_(\d+)\.pt$")

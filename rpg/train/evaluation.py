@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rpg.build import EvalSet, encode_prompts, prompt_texts
-from rpg.evaluate import summarize_eval
+from rpg.train.build import EvalSet, encode_prompts, prompt_texts
+from rpg.train.evaluate import summarize_eval
 from rpg.rewards import get_reward_fn, score_safely
 from rpg.rollout.base import SamplingParams
 

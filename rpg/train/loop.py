@@ -17,27 +17,27 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from rpg import checkpoint
+from rpg.backend import checkpoint
 from rpg.backend import make_backend
-from rpg.build import build_data, build_optimizer, build_policy, check_toy_split
+from rpg.train.build import build_data, build_optimizer, build_policy, check_toy_split
 from rpg.config import ConfigError, validate
-from rpg.evaluation import evaluate_policy
-from rpg.learner import Learner
-from rpg.mechanisms import inert_mechanisms
-from rpg.reference import Reference, needs_model
+from rpg.train.evaluation import evaluate_policy
+from rpg.train.learner import Learner
+from rpg.config.mechanisms import inert_mechanisms
+from rpg.train.reference import Reference, needs_model
 from rpg.rewards import get_reward_fn
 from rpg.rollout import make_engine
 from rpg.rollout.sharded import ShardedEngine
-from rpg.rollouts import PromptSampler, collect
-from rpg.run_meta import FINAL_METRICS, Terminated, config_hash, git_state, raise_on_sigterm, resume_key, run_name
-from rpg.tracking import MLflowTracker, NullTracker
-from rpg.tracking_base import redact, resolve_tracking_uri
+from rpg.train.rollouts import PromptSampler, collect
+from rpg.tracking.identity import FINAL_METRICS, Terminated, config_hash, git_state, raise_on_sigterm, resume_key, run_name
+from rpg.tracking.tracker import MLflowTracker, NullTracker
+from rpg.tracking.base import redact, resolve_tracking_uri
 
 log = logging.getLogger("rpg")
 
 
 def tracking_uri(cfg) -> str:
-    """The store (rpg.tracking_base.resolve_tracking_uri), defaulting to mlflow.db in the directory the command
+    """The store (rpg.tracking.base.resolve_tracking_uri), defaulting to mlflow.db in the directory the command
     was run from (not Hydra's per-run directory, so all runs of a sweep share one store)."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -148,7 +148,7 @@ def run(cfg) -> dict[str, float]:
     tracker = MLflowTracker(tracking_uri(cfg), output_dir=out_dir) if cfg.tracking.enabled and backend.is_main else NullTracker()
     logged = {"train": -1, "eval": -1}  # steps already in the store (a resumed run)
     if backend.is_main:
-        from rpg.tracking_ui import run_tags  # description and source, as the MLflow UI shows them
+        from rpg.tracking.ui import run_tags  # description and source, as the MLflow UI shows them
 
         sha, dirty = git_state()
         tags = {"algo": cfg.algo.name, "seed": cfg.seed, "model": cfg.model.name, "data": cfg.data.name,

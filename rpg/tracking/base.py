@@ -1,5 +1,5 @@
 """What every tracker shares, without importing mlflow: the `Tracker` protocol, `NullTracker`, the
-tracking-URI rule and the naming of params and metrics (rpg/tracking.py holds the MLflow tracker)."""
+tracking-URI rule and the naming of params and metrics (rpg/tracking/tracker.py holds the MLflow tracker)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def resolve_tracking_uri(uri: str | None = None, directory: str | Path | None = 
         raise TrackingError(
             f"tracking URI {uri!r} is an MLflow file store (./mlruns), which this project does not "
             "use. Set tracking.uri / MLFLOW_TRACKING_URI to sqlite:///ABS/PATH/mlflow.db or to a "
-            "server address http://HOST:PORT (see `python -m rpg.tracking_server`).")
+            "server address http://HOST:PORT (see `python -m rpg.tracking.server`).")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
     return uri

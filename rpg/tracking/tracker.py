@@ -1,11 +1,11 @@
-"""Experiment tracking with MLflow: `MLflowTracker` (protocol, `NullTracker`, URI rule: rpg/tracking_base.py;
-opening the store, retries, run queries: rpg/tracking_store.py; re-exported here). With tracking_store
+"""Experiment tracking with MLflow: `MLflowTracker` (protocol, `NullTracker`, URI rule: rpg/tracking/base.py;
+opening the store, retries, run queries: rpg/tracking/store.py; re-exported here). With tracking_store
 the only importers of mlflow; explicit run ids, no global active run; log lines lose any URI password.
 `log_metrics` only appends to a buffer; a background thread sends batches, retrying with backoff while
 the store is down. `persist()` (each checkpoint) makes what was logged durable: sent, or appended to
 `<output_dir>/unsent_metrics_<run_id>.jsonl`, as is whatever `end()` could not send; a resumed run sends
 that file first (or: `python -m rpg.tracking upload PATH`). What the web UI shows (view, columns, the
-link `ui_link`): rpg/tracking_ui.py.
+link `ui_link`): rpg/tracking/ui.py.
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 
-from rpg.tracking_base import (NullTracker, RunInfo, Tracker, TrackingError, flatten_params,  # noqa: F401
+from rpg.tracking.base import (NullTracker, RunInfo, Tracker, TrackingError, flatten_params,  # noqa: F401
                                mlflow_key, redact, resolve_tracking_uri)
-from rpg.tracking_store import (METRICS_PER_BATCH, find_runs, get_run_status, is_permanent,  # noqa: F401
+from rpg.tracking.store import (METRICS_PER_BATCH, find_runs, get_run_status, is_permanent,  # noqa: F401
                                 open_experiment, open_store, retry, upload_unsent)
-from rpg.tracking_ui import RunsView, prepare_experiment, runs_url
+from rpg.tracking.ui import RunsView, prepare_experiment, runs_url
 
 try:
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 except ImportError:  # pragma: no cover - constants moved in another mlflow version
     MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH = 6000, 100
 
-log = logging.getLogger("rpg.tracking")
+log = logging.getLogger("rpg.tracking.tracker")
 
 
 class _Redact(logging.Filter):
@@ -116,7 +116,7 @@ class MLflowTracker:
             raise TrackingError("this tracker already has a run; use one tracker per run")
         tags = {str(k): redact(str(v)) for k, v in tags.items()}  # a command line may quote a tracking URI
         where = (f"at {self.display_uri} (is the store reachable? set tracking.uri or "
-                 "MLFLOW_TRACKING_URI; a server starts with `python -m rpg.tracking_server`)")
+                 "MLFLOW_TRACKING_URI; a server starts with `python -m rpg.tracking.server`)")
         if run_id is None:
             exp_id = retry(lambda: open_experiment(self.client, self.tracking_uri, experiment),
                            self.start_timeout_s, f"opening experiment {experiment!r} {where}")
@@ -170,7 +170,7 @@ class MLflowTracker:
             path = self._write_unsent(records)
             log.error("tracking store %s unreachable at the end of run %s: %d metrics and %d "
                       "artifacts NOT sent, saved to %s. Send them later with: python -m "
-                      "rpg.tracking upload %s", self.tracking_uri, self.run_id, len(metrics),
+                      "rpg.tracking.tracker upload %s", self.tracking_uri, self.run_id, len(metrics),
                       len(ops), path, path)
 
     def _atexit(self) -> None:

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from submitit.helpers import Checkpointable
 
 import rpg.config  # noqa: F401  (registers the resolvers the launcher configs use)
-from rpg.run_meta import PROJECT_ROOT
+from rpg.tracking.identity import PROJECT_ROOT
 
 LAUNCHER_DIR = PROJECT_ROOT / "conf" / "hydra" / "launcher"
 PROFILE_DIR = PROJECT_ROOT / "conf" / "cluster"
@@ -43,7 +43,7 @@ JOBS_FILE = "jobs.jsonl"  # in each run's out_dir: one line per submission and p
 FAILURE_FILE = "traceback.txt"  # in a failed run's out_dir: the traceback of its last failure
 _RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")  # "pkg.SomeError: msg" in a trace
 
-log = logging.getLogger("rpg.launch")
+log = logging.getLogger("rpg.launch.submit")
 
 
 #: The engine section of a job that is one CPU process (a tracking server; checking a profile).
@@ -155,12 +155,12 @@ def _latest_step(out_dir: Path) -> int:
 
 
 class TrainJob(Checkpointable):
-    """One training run: ``TrainJob()(config)`` starts it (rpg.ranks.start) from the resolved config dict and
+    """One training run: ``TrainJob()(config)`` starts it (rpg.launch.ranks.start) from the resolved config dict and
     records each start (with the checkpoint step it resumes from) in ``<out_dir>/jobs.jsonl``."""
 
     def __call__(self, config: dict) -> dict[str, float]:
         from rpg.config import RunConfig
-        from rpg.ranks import start
+        from rpg.launch.ranks import start
 
         lg = logging.getLogger("rpg")
         lg.setLevel(logging.INFO)
@@ -263,7 +263,7 @@ def serve_tracking(address_file: str, backend_store_uri: str, port: int | None, 
     """Job body: run ``mlflow server`` on this node until the job ends; return its exit code."""
     import signal
 
-    from rpg import tracking_server as ts
+    from rpg.tracking import server as ts
 
     handle = ts.start_server("0.0.0.0", port or ts.free_port("0.0.0.0"), backend_store_uri,
                              address_file=address_file, workers=workers)

@@ -15,7 +15,7 @@ import torch
 
 from rpg.backend.local import LocalBackend
 from rpg.core.losses import BatchTotals, LossParams
-from rpg.logprobs import response_logprobs
+from rpg.models.logprobs import response_logprobs
 
 
 class NonFiniteLossError(RuntimeError):

@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 PROMPT_PREFIX = (
     "Solve the following math problem step by step. The last line of your response should be of the "

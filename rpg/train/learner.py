@@ -1,5 +1,5 @@
 """One RL step on a scored batch, as the paper's update: old/ref log-probs -> advantages -> optimizer steps
--> learning-rate schedule -> reference schedule.  Sampling and logging stay with the caller (rpg.train).
+-> learning-rate schedule -> reference schedule.  Sampling and logging stay with the caller (rpg.train.loop).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from rpg.config import loss_params
 from rpg.core.advantages import ADVANTAGES
 from rpg.core.divergences import k3
 from rpg.core.losses import POLICY_LOSSES
-from rpg.logprobs import response_logprobs
+from rpg.models.logprobs import response_logprobs
 from rpg.rollout.mismatch import mismatch_metrics, tis_weights
-from rpg.update import RolloutBatch, policy_update
+from rpg.train.update import RolloutBatch, policy_update
 
 
 @torch.no_grad()

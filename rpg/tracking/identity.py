@@ -52,7 +52,7 @@ def git_state() -> tuple[str, bool]:
 
 def run_name(cfg) -> str:
     """The run's one name -- in MLflow, its progress bar, its summary and a sweep's run folder: ``name``
-    when set (rpg.sweep sets the settings its runs vary, a ``-m`` multirun its overrides), else
+    when set (rpg.launch.sweep sets the settings its runs vary, a ``-m`` multirun its overrides), else
     <algo>-<model>-<data>-s<seed>."""
     return cfg.get("name") or f"{cfg.algo.name}-{cfg.model.name}-{cfg.data.name}-s{cfg.seed}"
 

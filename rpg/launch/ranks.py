@@ -4,7 +4,7 @@ A local run is this process.  An FSDP run's ranks are either already there (torc
 whose environment is translated here into torchrun's RANK / WORLD_SIZE / MASTER_ADDR / ...), or, from one
 command on one node, started here: the resolved config (output directory and tracking URI filled in) is
 written to ``<out_dir>/ranks_config.yaml`` and ``engine.ranks_per_node`` processes are started with torchrun,
-each loading it (``python -m rpg.ranks PATH``).  The trainer (rpg.train) only ever trains its own rank.
+each loading it (``python -m rpg.launch.ranks PATH``).  The trainer (rpg.train.loop) only ever trains its own rank.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from rpg.config import ConfigError, RunConfig, ranks_per_node
-from rpg.run_meta import FINAL_METRICS
+from rpg.tracking.identity import FINAL_METRICS
 
 
 def spawn_ranks(cfg, out_dir: Path, tracking_uri: str | None) -> dict[str, float]:
@@ -34,7 +34,7 @@ def spawn_ranks(cfg, out_dir: Path, tracking_uri: str | None) -> dict[str, float
     OmegaConf.save(cfg, path, resolve=True)
     (out_dir / FINAL_METRICS).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "-m", "rpg.ranks", str(path)]
+           "-m", "rpg.launch.ranks", str(path)]
     code = subprocess.run(cmd).returncode
     if code:
         raise RuntimeError(f"the {n} ranks of the run failed (exit code {code}); see their output above")
@@ -43,13 +43,13 @@ def spawn_ranks(cfg, out_dir: Path, tracking_uri: str | None) -> dict[str, float
 
 def start(cfg) -> dict[str, float]:
     """Run ``cfg`` as this process, or as the ranks it needs; returns the final metrics."""
-    from rpg.build import check_toy_split
+    from rpg.train.build import check_toy_split
     from rpg.config import validate
-    from rpg.train import run, tracking_uri, writable_dir
+    from rpg.train.loop import run, tracking_uri, writable_dir
 
     if cfg.engine.backend == "fsdp" and "RANK" not in os.environ:
         if "SLURM_PROCID" in os.environ:  # SLURM tasks: torchrun's environment from SLURM's
-            from rpg.launch import export_torch_distributed_env
+            from rpg.launch.submit import export_torch_distributed_env
 
             export_torch_distributed_env()
         else:  # one command on one node: the checks of a run, once, before any process is started
@@ -66,7 +66,7 @@ def start(cfg) -> dict[str, float]:
 
 
 def main(path: str) -> None:
-    from rpg.train import run
+    from rpg.train.loop import run
 
     run(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path)))
 

@@ -1,7 +1,7 @@
 """The MLflow store itself: opening it (and experiments) safely, retrying transient errors, and querying /
 repairing runs.
 
-Used by rpg.tracking (the tracker, re-exported there) and rpg.sweep (run lookups).
+Used by rpg.tracking.tracker (the tracker, re-exported there) and rpg.launch.sweep (run lookups).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from rpg.tracking_base import RunInfo, TrackingError, redact, resolve_tracking_uri
+from rpg.tracking.base import RunInfo, TrackingError, redact, resolve_tracking_uri
 
 METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
 _CREATED: set[str] = set()  # stores this process has opened (sqlite: created under the lock; servers: reached)
@@ -66,7 +66,7 @@ def check_reachable(uri: str, attempts: int = 3, timeout_s: float = 2.0) -> None
             error = exc
             time.sleep(0.5 * (attempt + 1))
     raise TrackingError(f"no tracking server answers at {redact(uri)} ({error}): start one "
-                        "(`python -m rpg.tracking_server`), or set tracking.uri / MLFLOW_TRACKING_URI to a "
+                        "(`python -m rpg.tracking.server`), or set tracking.uri / MLFLOW_TRACKING_URI to a "
                         "reachable server or to sqlite:///ABS/PATH/mlflow.db")
 
 

@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 #: the Hydra config tree (conf/ at the project root)
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 REF_UPDATES = ("every_step", "every_k", "kl_threshold", "never")
 #: losses whose KL term is algo.kl_estimator's (the others carry their divergence in the loss itself)
 ESTIMATOR_LOSSES = ("ppo_clip", "dapo", "reinforce_pp", "reinforce_pp_baseline")
@@ -53,12 +53,12 @@ class ModelConfig:
     name: str = MISSING
     kind: str = "tiny"  # tiny | pretrained
     path: Optional[str] = None  # local directory of a transformers checkpoint (kind=pretrained)
-    # tiny: architecture and supervised warm start on the toy task (rpg.warmstart.WarmStartConfig keys;
+    # tiny: architecture and supervised warm start on the toy task (rpg.models.warmstart.WarmStartConfig keys;
     # cached on disk by a hash of these values)
     warm_start: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False  # recompute each decoder layer's activations in backward
     # pretrained: the architecture as published in the checkpoint's config.json (model_type, vocab_size,
-    # hidden_size, ...). Read by the dry-run's memory estimate (rpg.plan) and by benchmarks/bench_gpu.py to
+    # hidden_size, ...). Read by the dry-run's memory estimate (rpg.launch.plan) and by benchmarks/bench_gpu.py to
     # build a random-initialised model of the real size; loading a checkpoint uses model.path's own config.
     arch: dict[str, Any] = field(default_factory=dict)
 
@@ -167,7 +167,7 @@ class RunConfig:
     sweep: str = "rpg"  # sweep name: the MLflow experiment and output folder that group runs
     name: Optional[str] = None  # the run's name (MLflow, progress bar); None: <algo>-<model>-<data>-s<seed>
     cache_dir: Optional[str] = None  # warm starts and derived data; None: <project>/.cache
-    dry_run: bool = False  # validate, print the size/memory/tokens estimate of rpg.plan, and exit
+    dry_run: bool = False  # validate, print the size/memory/tokens estimate of rpg.launch.plan, and exit
 
 
 def ranks_per_node(engine) -> int:
@@ -201,7 +201,7 @@ def validate(cfg) -> None:
     """Fail before any work on combinations the schemas cannot express."""
     from rpg.core.advantages import GROUP_ADVANTAGES
 
-    from rpg.config_ranges import check_ranges, check_unknown_keys
+    from rpg.config.ranges import check_ranges, check_unknown_keys
 
     check_unknown_keys(cfg, RunConfig)
     check_ranges(cfg)

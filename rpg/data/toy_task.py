@@ -7,7 +7,7 @@ makes each token a one-step computation, which a 2-layer model learns in a few h
 (answering directly was still near 10% greedy accuracy after 800). With ``digits=2`` prompts are
 8 characters and targets 14-17 plus ``<eos>``, so rollouts need at most 18 new tokens.
 Careless variants (a forgotten carry, e.g. ``"12,12\\nAnswer: 122"`` or ``"12,13\\nAnswer: 32"``)
-serve as the flawed demonstrations of the warm start (see ``rpg.warmstart``).
+serve as the flawed demonstrations of the warm start (see ``rpg.models.warmstart``).
 
 Splits are by *unordered* operand pair: if ``a+b`` is held out, so is ``b+a``, so a held-out
 problem is never in training even up to commutativity. The split depends only on ``seed``, ``digits``

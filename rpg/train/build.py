@@ -26,7 +26,7 @@ def build_policy(cfg):
     dtype = DTYPES[cfg.engine.param_dtype if cfg.engine.backend == "fsdp" else cfg.engine.dtype]
     if m.kind == "tiny":
         from rpg.models.tiny import load_tiny
-        from rpg.warmstart import load_meta, warm_start
+        from rpg.models.warmstart import load_meta, warm_start
 
         settings = OmegaConf.to_container(m.warm_start, resolve=True)
         path = warm_start(settings, cache_dir=str(cache_dir(cfg) / "warmstart"), progress=True)
@@ -59,11 +59,11 @@ def check_toy_split(cfg) -> None:
     held-out problems RL is evaluated on can be ones the warm start was trained on."""
     if cfg.model.kind != "tiny" or cfg.data.kind != "toy":
         return
-    from rpg.toy_task import DIGITS, N_TEST
-    from rpg.warmstart import WarmStartConfig
+    from rpg.data.toy_task import DIGITS, N_TEST
+    from rpg.models.warmstart import WarmStartConfig
 
     ws = WarmStartConfig.from_mapping(cfg.model.warm_start)
-    toy = {"split_seed": cfg.data.toy_seed, "digits": DIGITS, "n_test": N_TEST}  # the RL data's split (rpg.build)
+    toy = {"split_seed": cfg.data.toy_seed, "digits": DIGITS, "n_test": N_TEST}  # the RL data's split (rpg.train.build)
     for key, value in toy.items():
         if getattr(ws, key) != value:
             fix = (f"set model.warm_start.split_seed={value} (or data.toy_seed={ws.split_seed})" if key == "split_seed"
@@ -106,7 +106,7 @@ def build_data(cfg) -> tuple[PromptSet, list[EvalSet]]:
     train_path = d.train_path
     toy_paths = {}
     if d.kind == "toy":
-        from rpg.toy_task import write_parquet
+        from rpg.data.toy_task import write_parquet
 
         root = cache_dir(cfg) / "toy" / f"seed{d.toy_seed}"
         for split in ("train", "test"):

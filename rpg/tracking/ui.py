@@ -23,9 +23,9 @@ import shlex
 import sys
 from urllib.parse import urlsplit
 
-from rpg.tracking_base import redact
+from rpg.tracking.base import redact
 
-log = logging.getLogger("rpg.tracking")  # its filter (rpg.tracking) keeps passwords out of these lines too
+log = logging.getLogger("rpg.tracking.tracker")  # its filter (rpg.tracking.tracker) keeps passwords out of these lines too
 
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 VIEW_KEY = "rpg"
@@ -101,7 +101,7 @@ class RunsView:
 def _entry(argv: list[str]) -> str:
     """The project module this process was started as (``python -m rpg.main``), else the training loop."""
     module = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
-    return module if module.split(".")[0] == "rpg" else "rpg.train"
+    return module if module.split(".")[0] == "rpg" else "rpg.train.loop"
 
 
 def _varies(cfg) -> str | None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rpg.build import encode_prompts, prompt_texts
+from rpg.train.build import encode_prompts, prompt_texts
 from rpg.data import PromptSet
 from rpg.rewards import score_safely
 from rpg.rewards.math import overlong_penalty

@@ -16,8 +16,8 @@ Hence:
 
 * **The default warm start is shipped** (``rpg/models/warmstart_default/``, 0.6 MB of safetensors with
   its SHA-256 in ``warmstart.json``): every machine starts the default run from the same weights.
-  ``python -m rpg.warmstart`` regenerates it under pinned kernels (ATen AVX2, MKL's AVX2 reproducibility
-  mode, one thread), and ``python -m rpg.warmstart --check`` retrains and compares the checksum.
+  ``python -m rpg.models.warmstart`` regenerates it under pinned kernels (ATen AVX2, MKL's AVX2 reproducibility
+  mode, one thread), and ``python -m rpg.models.warmstart --check`` retrains and compares the checksum.
 * **Any other setting is trained** on one thread (whatever the caller's thread count) and cached under
   ``cache_dir/<hash of all settings>-<torch version>-<kernel set>`` (written to a temp dir, then
   renamed), so a second call returns at once and no machine reuses another kernel set's result.
@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rpg.models.tiny import build_char_tokenizer, build_tiny_model, char_encode, save_tiny
-from rpg.toy_task import (
+from rpg.data.toy_task import (
     DIGITS,
     N_TEST,
     MAX_RESPONSE_TOKENS,
@@ -62,8 +62,8 @@ from rpg.toy_task import (
 WARMSTART_VERSION = 2
 META_FILE = "warmstart.json"
 WEIGHTS_FILE = "model.safetensors"
-#: The shipped default warm start (regenerate: ``python -m rpg.warmstart``).
-SHIPPED_DIR = Path(__file__).resolve().parent / "models" / "warmstart_default"
+#: The shipped default warm start (regenerate: ``python -m rpg.models.warmstart``).
+SHIPPED_DIR = Path(__file__).resolve().parent / "warmstart_default"
 #: Kernel pins under which the shipped weights are trained, so that neither ATen nor MKL follows the host CPU
 #: (without them this machine stopped at 560 / 660 steps under its own / ATen-avx2 kernels; pinned: 520).
 PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2",
@@ -185,7 +185,7 @@ def verify_shipped() -> None:
     want, got = shipped_meta()["sha256"], file_sha256(SHIPPED_DIR / WEIGHTS_FILE)
     if got != want:
         raise RuntimeError(f"{SHIPPED_DIR / WEIGHTS_FILE} has SHA-256 {got}, not the recorded {want}: restore it "
-                           "(git checkout rpg/models/warmstart_default) or regenerate it (python -m rpg.warmstart)")
+                           "(git checkout rpg/models/warmstart_default) or regenerate it (python -m rpg.models.warmstart)")
 
 
 @contextlib.contextmanager
@@ -335,13 +335,13 @@ def _regenerate(check: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rpg.warmstart", description=(
+    parser = argparse.ArgumentParser(prog="python -m rpg.models.warmstart", description=(
         "Regenerate the shipped default warm start under pinned CPU kernels (or --check it)."))
     parser.add_argument("--check", action="store_true", help="retrain and compare with the shipped checksum")
     args = parser.parse_args(argv)
     if any(os.environ.get(k) != v for k, v in PINNED_KERNELS.items()):  # pins are read when torch loads
         env = {**os.environ, **PINNED_KERNELS}
-        return subprocess.call([sys.executable, "-m", "rpg.warmstart", *(argv or sys.argv[1:])], env=env)
+        return subprocess.call([sys.executable, "-m", "rpg.models.warmstart", *(argv or sys.argv[1:])], env=env)
     return _regenerate(args.check)
 
 

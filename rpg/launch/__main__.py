@@ -1,0 +1,5 @@
+import sys
+
+from rpg.launch.submit import main
+
+sys.exit(main())

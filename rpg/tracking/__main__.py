@@ -1,0 +1,5 @@
+import sys
+
+from rpg.tracking.tracker import main
+
+sys.exit(main())
