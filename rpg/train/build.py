@@ -1,7 +1,8 @@
-"""Builders that turn a validated config into the objects of a run: policy, data, optimizer."""
+"""Builders that turn a validated config into the objects of a run: policy, data, rollout engine, optimizer."""
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from omegaconf import OmegaConf
 from rpg.config import ConfigError
 from rpg.data import PROJECT_ROOT, PromptSet, load_prompt_set
 from rpg.models import DTYPES
+from rpg.rollout import make_engine
+from rpg.rollout.sharded import ShardedEngine
 
 
 
@@ -149,3 +152,25 @@ def encode_prompts(texts: list[str], tokenizer, max_len: int) -> tuple[list[list
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     truncated = sum(len(x) > max_len for x in ids)
     return [x[-max_len:] for x in ids], truncated
+
+
+def engine_options(cfg) -> dict:
+    """The engine-specific keyword arguments of make_engine (vLLM: dtype, memory, seed, process, sleep)."""
+    e = cfg.engine
+    if e.rollout != "vllm":
+        return {}
+    options = {"dtype": e.dtype, "gpu_memory_utilization": e.vllm_gpu_memory_utilization,
+               "kv_cache_memory_bytes": e.vllm_kv_cache_bytes, "seed": cfg.seed}
+    if e.backend == "fsdp":  # the engine gets its own process, outside the trainer's process group
+        options["in_process"] = False
+    if e.device.startswith("cuda"):
+        options["enable_sleep_mode"] = e.vllm_sleep
+    return options
+
+
+def build_engine(cfg, model, tokenizer, backend):
+    """This rank's rollout engine: every rank samples its share of the prompts with its own engine; HF
+    generate needs a full copy of the model under FSDP."""
+    sampler_model = model if backend.world_size == 1 or cfg.engine.rollout == "vllm" else copy.deepcopy(model)
+    engine = make_engine(cfg.engine.rollout, sampler_model, tokenizer, **engine_options(cfg))
+    return ShardedEngine(engine, backend) if backend.world_size > 1 else engine

@@ -5,10 +5,9 @@
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 import logging
+import os
 import time
 import traceback
 from pathlib import Path
@@ -17,21 +16,19 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from rpg.backend import checkpoint
 from rpg.backend import make_backend
-from rpg.train.build import build_data, build_optimizer, build_policy, check_toy_split
 from rpg.config import ConfigError, validate
-from rpg.train.evaluation import evaluate_policy
-from rpg.train.learner import Learner
 from rpg.config.mechanisms import inert_mechanisms
-from rpg.train.reference import Reference, needs_model
 from rpg.rewards import get_reward_fn
-from rpg.rollout import make_engine
-from rpg.rollout.sharded import ShardedEngine
-from rpg.train.rollouts import PromptSampler, collect
+from rpg.tracking.base import redact, resolve_tracking_uri
 from rpg.tracking.identity import FINAL_METRICS, Terminated, config_hash, git_state, raise_on_sigterm, resume_key, run_name
 from rpg.tracking.tracker import MLflowTracker, NullTracker
-from rpg.tracking.base import redact, resolve_tracking_uri
+from rpg.train.build import build_data, build_engine, build_optimizer, build_policy, check_toy_split
+from rpg.train.evaluation import evaluate_policy
+from rpg.train.learner import Learner
+from rpg.train.reference import Reference, needs_model
+from rpg.train.rollouts import PromptSampler, collect
+from rpg.train.state import Progress, checkpoint_state, restore
 
 log = logging.getLogger("rpg")
 
@@ -85,19 +82,6 @@ def run_summary(name: str, first: dict, last: dict, steps: int, out_dir: Path, r
     return "\n".join(lines)
 
 
-def engine_options(cfg) -> dict:
-    e = cfg.engine
-    if e.rollout != "vllm":
-        return {}
-    options = {"dtype": e.dtype, "gpu_memory_utilization": e.vllm_gpu_memory_utilization,
-               "kv_cache_memory_bytes": e.vllm_kv_cache_bytes, "seed": cfg.seed}
-    if e.backend == "fsdp":  # the engine gets its own process, outside the trainer's process group
-        options["in_process"] = False
-    if e.device.startswith("cuda"):
-        options["enable_sleep_mode"] = e.vllm_sleep
-    return options
-
-
 def run(cfg) -> dict[str, float]:
     validate(cfg)
     check_toy_split(cfg)
@@ -112,11 +96,7 @@ def run(cfg) -> dict[str, float]:
 
     model, tokenizer, info = backend.main_first(lambda: build_policy(cfg))
     train_set, eval_sets = backend.main_first(lambda: build_data(cfg))
-    # every rank samples its share of the prompts with its own engine; HF generate needs a full copy under FSDP
-    sampler_model = model if backend.world_size == 1 or cfg.engine.rollout == "vllm" else copy.deepcopy(model)
-    engine = make_engine(cfg.engine.rollout, sampler_model, tokenizer, **engine_options(cfg))
-    if backend.world_size > 1:
-        engine = ShardedEngine(engine, backend)
+    engine = build_engine(cfg, model, tokenizer, backend)
     ref_model = backend.reference_model(model) if needs_model(cfg.algo.ref_update) else None
     module = backend.wrap(model)  # what the update trains and scores with
     optimizer, scheduler = build_optimizer(cfg, module)
@@ -128,22 +108,19 @@ def run(cfg) -> dict[str, float]:
     def sync_engine():
         engine.sync_weights(backend.full_weights(module))
 
-    start_step, run_id, first_eval, final = 0, None, {}, {}
+    progress = Progress()
     state = backend.load(ckpt_dir, module, optimizer, ref_model) if cfg.resume == "auto" else None
     if state is not None:
         if state.get("resume_key", resume_key(cfg)) != resume_key(cfg):
             raise ConfigError(f"{ckpt_dir} holds checkpoints of a different configuration (only steps, eval_every "
                               "and save_every may change on resume): set out_dir to a new directory, or delete "
                               f"{ckpt_dir} to start this configuration over there")
-        learner.load_state_dict(state)
-        sampler.load_state_dict(state["sampler"])
-        checkpoint.set_rng_state(state["rng"])
-        start_step, run_id = state["step"], state["run_id"]
-        first_eval, final = dict(state.get("first_eval", {})), dict(state.get("final", {}))
+        progress = restore(state, learner, sampler)
         sync_engine()
-        log.info("resuming from %s at step %d", ckpt_dir, start_step)
+        log.info("resuming from %s at step %d", ckpt_dir, progress.step)
     elif cfg.resume == "auto" and (out_dir / "run_id.txt").is_file():
-        run_id = (out_dir / "run_id.txt").read_text().strip()  # crashed before its first checkpoint
+        progress.run_id = (out_dir / "run_id.txt").read_text().strip()  # crashed before its first checkpoint
+    start_step, run_id, first_eval, final = progress.step, progress.run_id, progress.first_eval, progress.final
 
     tracker = MLflowTracker(tracking_uri(cfg), output_dir=out_dir) if cfg.tracking.enabled and backend.is_main else NullTracker()
     logged = {"train": -1, "eval": -1}  # steps already in the store (a resumed run)
@@ -212,10 +189,8 @@ def run(cfg) -> dict[str, float]:
             bar.set_postfix(batch_acc=f"{metrics['train/acc']:.2f}", kl=f"{metrics.get('kl/k3', 0):.1e}")  # training batch
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 tracker.persist()  # every metric so far is in the store or on disk before the checkpoint is
-                backend.save(ckpt_dir, done, {
-                    **learner.state_dict(), "sampler": sampler.state_dict(), "rng": checkpoint.rng_state(),
-                    "step": done, "run_id": run_id, "resume_key": resume_key(cfg), "first_eval": first_eval,
-                    "final": final}, module, optimizer, ref_model)
+                backend.save(ckpt_dir, done, checkpoint_state(Progress(done, run_id, first_eval, final), learner,
+                                                              sampler, cfg), module, optimizer, ref_model)
     except (KeyboardInterrupt, Terminated, SystemExit):
         tracker.end("KILLED", timeout_s=5.0)  # well inside SLURM's 30 s between SIGTERM and SIGKILL
         raise
