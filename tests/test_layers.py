@@ -85,3 +85,19 @@ def test_the_package_tree_shows_the_layers():
     assert top == {"__init__", "main", "sweep"}, f"move into a layer package: {sorted(top - {'__init__', 'main', 'sweep'})}"
     packages = {p.name for p in (ROOT / "rpg").iterdir() if (p / "__init__.py").is_file()}
     assert packages == {m.split(".")[1] for _, prefixes in LAYERS for m in prefixes} - {"main", "sweep"}
+
+
+def test_every_backend_implements_the_train_backend_protocol():
+    import inspect
+
+    from rpg.backend import TrainBackend
+    from rpg.backend.fsdp import FSDPBackend
+    from rpg.backend.local import LocalBackend
+
+    methods = [n for n, f in vars(TrainBackend).items() if inspect.isfunction(f) and not n.startswith("_")]
+    assert len(methods) >= 14
+    for cls in (LocalBackend, FSDPBackend):
+        for name in methods:
+            want = list(inspect.signature(getattr(TrainBackend, name)).parameters)
+            assert list(inspect.signature(getattr(cls, name)).parameters) == want, (cls.__name__, name)
+    assert isinstance(LocalBackend(), TrainBackend)

@@ -4,26 +4,68 @@
 ``fsdp``   torch.distributed + FSDP2, one process per GPU (or per CPU rank with gloo), launched by
            ``torchrun`` or as SLURM tasks (rpg/backend/fsdp.py is the only module that imports FSDP).
 
-Both expose the same small interface, so the RL loop in rpg/train/loop.py is written once:
-
-  main_first(fn)         run fn on rank 0 first (builds caches), then on the other ranks
-  reference_model(lm)    a frozen copy of the policy for the KL anchor (call before wrap)
-  wrap(lm)               the module the update trains and scores with
-  local_rows(idx)        this rank's share of a set of batch rows
-  gather_rows(t)         every rank's rows back in order (the inverse of local_rows over a batch)
-  local_share(items)     this rank's contiguous share of a list (prompts to generate)
-  all_gather_object(o)   every rank's object, in rank order
-  broadcast(obj)         rank 0's value on every rank
-  all_finite(flag)       True on every rank only if it is True on every rank
-  reduce_metrics(s, w)   metric sums and weights summed (maxima: max) over ranks
-  full_weights(module)   the weights in the model's own names, for the rollout engine's sync
-  save / load            checkpoints that resume exactly
+Both implement :class:`TrainBackend`, so the RL loop in rpg/train/loop.py is written once.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable, Protocol, runtime_checkable
 
-def make_backend(cfg):
+import torch
+
+
+@runtime_checkable
+class TrainBackend(Protocol):
+    """Where the policy's parameters live and how ranks cooperate (one rank: every collective is the identity)."""
+
+    rank: int
+    world_size: int
+    is_main: bool
+
+    def main_first(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0 first (it builds caches), then on the other ranks."""
+
+    def reference_model(self, lm: torch.nn.Module) -> torch.nn.Module:
+        """A frozen copy of the policy for the KL anchor (call before ``wrap``)."""
+
+    def wrap(self, lm: torch.nn.Module) -> torch.nn.Module:
+        """The module the update trains and scores with."""
+
+    def local_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a set of batch rows."""
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows back in order (the inverse of ``local_rows`` over a batch)."""
+
+    def local_share(self, items: list) -> list:
+        """This rank's contiguous share of a list (prompts to generate)."""
+
+    def all_gather_object(self, obj: Any) -> list:
+        """Every rank's object, in rank order."""
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's value on every rank."""
+
+    def all_finite(self, flag: bool) -> bool:
+        """True on every rank only if it is True on every rank."""
+
+    def reduce_metrics(self, sums: dict, weights: dict, max_keys=()) -> tuple[dict, dict]:
+        """Metric sums and weights summed over ranks (``max_keys``: max)."""
+
+    def full_weights(self, module: torch.nn.Module) -> Any:
+        """The weights in the model's own names, for the rollout engine's sync."""
+
+    def save(self, ckpt_dir, step: int, state: dict, module, optimizer, ref_module=None, keep_last: int = 3) -> None:
+        """A checkpoint that resumes exactly (atomic; the last ``keep_last`` kept)."""
+
+    def load(self, ckpt_dir, module, optimizer, ref_module=None) -> dict | None:
+        """The newest readable checkpoint's state, loaded into module/optimizer/ref_module; None if none."""
+
+    def close(self) -> None:
+        """Release the process group (if any)."""
+
+
+def make_backend(cfg) -> TrainBackend:
     if cfg.engine.backend == "local":
         from rpg.backend.local import LocalBackend
 

@@ -59,7 +59,7 @@ def policy_update(model, optimizer, batch: RolloutBatch, loss_fn: Callable, para
 
     ``micro_batch_size`` is responses per forward on one rank; every rank must see the same ``generator``.
     """
-    backend = backend or LocalBackend()
+    backend = backend or LocalBackend()  # one process unless told
     model.train()
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
