@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D
 from analysis import style
 from analysis.load import Sweep
 from analysis.style import plt
-from analysis.select import select
+from analysis.select import select, varying_within
 from analysis.tables import choose, eval_benchmarks, eval_key, method_labels
 
 TRAIN_PANELS = [("train/score_mean", "Reward", "verifier score"),
@@ -211,8 +211,7 @@ def ablation(sweep: Sweep, columns: tuple[str, ...], names: tuple[str, ...], wha
         raise ValueError(f"no algorithm in {sweep.experiment!r} was run with more than one ({', '.join(columns)}); "
                          f"nothing to compare for the {what} ablation")
     runs = runs[keep]
-    others = [c for c in runs.columns if c.startswith("algo.") and c not in columns and c != "algo.name"
-              and runs.groupby("algo")[c].nunique(dropna=False).gt(1).any()]
+    others = [c for c in dict.fromkeys(c for _, g in runs.groupby("algo") for c in varying_within(g)) if c not in columns]
     label = runs["algo"].astype(str).map(style.label) + "  " + runs[[*columns, *others]].apply(
         lambda r: ", ".join(f"{n}={v:g}" if isinstance(v, (int, float)) else f"{n}={v}"
                             for n, v in zip([*names, *(c.split(".", 1)[1] for c in others)], r)), axis=1)

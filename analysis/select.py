@@ -87,6 +87,11 @@ def _varies(col: pd.Series) -> bool:
     return col.astype(str).nunique(dropna=False) > 1
 
 
+def varying_within(runs: pd.DataFrame) -> list[str]:
+    """The ``algo.*`` settings that differ between ``runs`` (of one algorithm: an ablation)."""
+    return [c for c in runs.columns if c.startswith("algo.") and c != "algo.name" and _varies(runs[c])]
+
+
 def select(runs: pd.DataFrame, statuses=("FINISHED",), group_by=("algo",), where: dict | None = None) -> Selection:
     where = dict(where or {})
     for col in group_by:
@@ -109,11 +114,14 @@ def select(runs: pd.DataFrame, statuses=("FINISHED",), group_by=("algo",), where
     for run_id, keeper in duplicates.items():
         counted[runs.index[runs["run_id"] == run_id]] = f"no: same config_hash as {keeper}, which is counted"
     method_keys = list(group_by)
-    if "algo" in group_by and "algo" in kept:
-        hyper = [c for c in kept.columns if c.startswith("algo.") and c != "algo.name"]
-        method_keys += [c for c in hyper if any(_varies(g[c]) for _, g in kept.groupby("algo"))]
-    split_keys = [c for c in settings(kept) if c not in method_keys and not c.startswith("algo.")
-                  and c != "algo" and _varies(kept[c])]
+    by_algo = "algo" in group_by and "algo" in kept
+    if by_algo:  # an algorithm's own settings define it; those that vary within one split it into methods
+        method_keys += [c for c in dict.fromkeys(c for _, g in kept.groupby("algo") for c in varying_within(g))
+                        if c not in method_keys]
+    split_keys = [c for c in settings(kept) if c not in method_keys and _varies(kept[c])
+                  and not (by_algo and c.startswith("algo."))]
+    if not by_algo and "algo" in kept and _varies(kept["algo"]):  # a grouping without the algorithm
+        split_keys.insert(0, "algo")
     cols = [c for c in ("run_id", "run_name", "algo", "seed", "status") if c in runs]
     status = runs[cols].assign(counted=counted.to_numpy())
     return Selection(kept, status, method_keys, split_keys, where)
@@ -136,8 +144,8 @@ def _one_per_configuration(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, 
 
 def describe(values: dict) -> str:
     """``data.max_response_len=4096, steps=400`` for a table's heading."""
-    return ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+    return ", ".join(f"{k}={fmt(v)}" for k, v in values.items())
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)

@@ -22,7 +22,7 @@ from scipy import stats
 from analysis import style
 from analysis.load import Sweep
 from analysis.render import METRICS, markdown, render_last_best, render_paired, tex_escape
-from analysis.select import Selection, describe, select
+from analysis.select import Selection, describe, fmt, select, varying_within
 
 # MLflow refuses "@" in metric names, so the project logs mean@32 as mean_at_32; both forms are read.
 EVAL_KEY = re.compile(r"^eval/(?P<bench>[^/]+)/(?P<stat>[a-z_]+?)(?:@|_at_)(?P<k>\d+)$")
@@ -71,8 +71,8 @@ def choose(sweep: Sweep, benches: list[str] | None, k: int | None, stat: str = "
 def method_labels(runs: pd.DataFrame, group_by: tuple[str, ...] = ("algo",)) -> pd.Series:
     """A method name per run: the algorithm's paper label, plus 'name=value' for the other group columns.
 
-    With the default group_by=("algo",), runs of one algorithm that differ in an ``algo.*`` param (an
-    ablation in the same sweep) are split by those params, never averaged together.
+    When ``algo`` is a group column, runs of one algorithm that differ in an ``algo.*`` param (an ablation
+    in the same sweep) are split by those params, never averaged together (analysis.select.varying_within).
     """
     for col in group_by:
         if col not in runs:
@@ -82,19 +82,14 @@ def method_labels(runs: pd.DataFrame, group_by: tuple[str, ...] = ("algo",)) -> 
     extra = {i: [] for i in runs.index}
     for col in group_by[1:]:
         for i, v in runs[col].items():
-            extra[i].append(f"{col.split('.')[-1]}={_fmt(v)}")
-    if tuple(group_by) == ("algo",):
-        hyper = [c for c in runs.columns if c.startswith("algo.") and c != "algo.name"]
-        for _, idx in runs.groupby(first).groups.items():
-            varied = [c for c in hyper if runs.loc[idx, c].astype(str).nunique() > 1]
+            extra[i].append(f"{col.split('.')[-1]}={fmt(v)}")
+    if "algo" in group_by and "algo" in runs:
+        for _, idx in runs.groupby(runs["algo"].astype(str)).groups.items():
+            varied = [c for c in varying_within(runs.loc[idx]) if c not in group_by]
             for i in idx:
-                extra[i] += [f"{c.split('.', 1)[1]}={_fmt(runs.at[i, c])}" for c in varied]
+                extra[i] += [f"{c.split('.', 1)[1]}={fmt(runs.at[i, c])}" for c in varied]
     return pd.Series([n + (f" [{', '.join(extra[i])}]" if extra[i] else "") for i, n in zip(runs.index, names)],
                      index=runs.index)
-
-
-def _fmt(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def run_scores(sweep: Sweep, runs: pd.DataFrame, benches: list[str], k: int, stat: str = "mean",

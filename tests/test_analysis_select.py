@@ -103,3 +103,29 @@ def test_a_figure_of_unlike_runs_is_refused_until_one_setting_is_picked(store, t
     assert "the runs differ in data.max_response_len, steps" in capsys.readouterr().err
     assert main(args + ["--where", "data.max_response_len=4096", "--where", "steps=20"]) == 0
     assert (tmp_path / "figures" / "dynamics.png").is_file()
+
+
+def test_other_groupings_never_average_unlike_runs(tmp_path):
+    """--group-by algo,X still splits an algorithm's ablation; a grouping without algo splits the tables by
+    algorithm instead of averaging algorithms."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("abl")
+    for clip, gain in ((0.1, 0.0), (0.2, 0.2)):
+        for seed in (1, 2):
+            log_run(client, exp, "grpo", seed, [0.1, 0.3 + gain, 0.3 + gain], {"algo.clip_low": clip,
+                    "optim.lr": 1e-4}, f"g-{clip}-{seed}")
+    log_run(client, exp, "dapo", 1, [0.1, 0.9, 0.9], {"algo.clip_low": 0.2, "optim.lr": 1e-4}, "d-1")
+
+    def last(*extra):
+        assert main(["--experiment", "abl", "--tracking-uri", uri, "--out", str(tmp_path), "--no-cache",
+                     "--only", "table", *extra]) == 0
+        table = pd.read_csv(tmp_path / "tables" / "last_best.csv")
+        return table[table["metric"] == "last"]
+
+    rows = last("--group-by", "algo,optim.lr")
+    assert sorted(rows["n"]) == [1, 2, 2] and sorted(rows["mean"].round(6)) == [0.3, 0.5, 0.9]
+    assert any("clip_low=0.1" in m for m in rows["method"])
+    rows = last("--group-by", "optim.lr")
+    assert sorted(rows["n"]) == [1, 2, 2]  # one table per algorithm (and clip), never one average
+    assert "One table per algo, algo.clip_low" in (tmp_path / "tables" / "last_best.md").read_text()
