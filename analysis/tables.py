@@ -257,8 +257,9 @@ def write_tables(sweep: Sweep, out: Path, benches=None, k=None, stat="mean", gro
             csv_rows.append(summary.assign(**{key: v for key, v in values.items()}))
             caption = _caption(summary, stat, k, last_step, paper_table, best_from_step)
             parts["md"].append(head + render_last_best(summary, "md", paper=paper, caption=caption.replace(
-                "BOLD", "**bold**").replace("UNDER", "<u>underlined</u>")))
-            tex_caption = caption.replace("BOLD", "bold").replace("UNDER", "underlined").replace("±", "$\\pm$")
+                "BOLD", "**bold**").replace("UNDER", "<u>underlined</u>").replace("UNEVEN", f"**{UNEVEN}**")))
+            tex_caption = caption.replace("BOLD", "bold").replace("UNDER", "underlined").replace(
+                "UNEVEN", rf"\textbf{{{UNEVEN}}}").replace("±", "$\\pm$")
             parts["tex"].append(render_last_best(summary, "tex", paper=paper, caption=tex_escape(describe(values))
                                                  + (": " if values else "") + tex_caption))
         if "paired" in which and baseline:
@@ -291,6 +292,9 @@ def write_tables(sweep: Sweep, out: Path, benches=None, k=None, stat="mean", gro
     return written
 
 
+UNEVEN = "Runs of a method end at different steps"
+
+
 def _scope(selection: Selection) -> str:
     """What the tables hold: the filters, what defines a method, what splits the tables."""
     lines = [f"Methods: {', '.join(selection.method_keys)} (runs that differ only in the seed are averaged)."]
@@ -307,6 +311,6 @@ def _caption(summary, stat, k, last_step, paper_table, best_from_step) -> str:
     uneven = summary[summary["final_step_min"] != summary["final_step_max"]]
     return (f"{stat}@{k}: Last = value {steps}, Best = max {best}; mean ± std (ddof=1) over n "
             f"runs (seeds); best BOLD, second UNDER."
-            + (" **Runs of a method end at different steps**: see final_step_min/max in last_best.csv."
+            + (" UNEVEN: see final_step_min/max in last_best.csv."
                if len(uneven) else "")
             + (f" Paper rows: Table {paper_table} of the paper." if paper_table is not None else ""))

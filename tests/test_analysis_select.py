@@ -129,3 +129,16 @@ def test_other_groupings_never_average_unlike_runs(tmp_path):
     rows = last("--group-by", "optim.lr")
     assert sorted(rows["n"]) == [1, 2, 2]  # one table per algorithm (and clip), never one average
     assert "One table per algo, algo.clip_low" in (tmp_path / "tables" / "last_best.md").read_text()
+
+
+def test_runs_ending_at_different_steps_are_flagged_in_both_formats(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("uneven")
+    log_run(client, exp, "grpo", 1, [0.1, 0.3, 0.4], {}, "u1")
+    log_run(client, exp, "grpo", 2, [0.1, 0.3], {}, "u2", steps=(0, 10))  # stopped early
+    assert main(["--experiment", "uneven", "--tracking-uri", uri, "--out", str(tmp_path), "--no-cache",
+                 "--only", "table"]) == 0
+    md, tex = ((tmp_path / "tables" / f"last_best.{x}").read_text() for x in ("md", "tex"))
+    assert "**Runs of a method end at different steps**" in md
+    assert r"\textbf{Runs of a method end at different steps}" in tex and "**" not in tex
