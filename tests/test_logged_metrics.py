@@ -1,7 +1,7 @@
 """What the trainer logs: a metric that is 0 by construction in a config is not logged there.
 
 GATED names the mechanism each gated key measures; the default run leaves them off (but for the dual
-clip, which it configures), sequence level turns on the ratio guard, and a last run turns them all on.
+clip, which it configures), and a last run turns them all on.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from rpg.train.loop import run
 #: key -> the setting that makes it measure something
 GATED = {
     "clip/frac_dual": "algo.dual_clip_c",
-    "is/frac_ratio_clamped": "algo.level=sequence",
-    "is/frac_rho_clamped": "algo.level=sequence and a reference model",
+    "is/frac_rho_clamped": "a reference model (else rho = pi_ref/pi_old = 1)",
     "ref/refreshed": "algo.ref_update=every_k|kl_threshold",
     "ref/kl_avg": "algo.ref_update=kl_threshold",
     "rollout/groups_dropped": "algo.dynamic_sampling",
@@ -32,6 +31,7 @@ MAY_STAY_ZERO = {
     "data/prompts_truncated": "data alarm: prompts cut to data.max_prompt_len",
     "train/frac_truncated": "length alarm: responses cut at data.max_response_len",
     "optim/lr": "the schedule's record of the step, whatever its value",
+    "is/frac_ratio_clamped": "guard alarm: a log-ratio hit algo.max_log_ratio (a token far in the tail can)",
     # the default configures c = 10 (conf/algo/rpg_rf_urkl.yaml); w stays below ~4 in a short run
     "clip/frac_dual": "dual clip on but not binding",
 }

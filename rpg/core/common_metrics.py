@@ -19,23 +19,18 @@ def sample_metrics(s: Samples, logp: torch.Tensor, old_logp: torch.Tensor, ref_l
                           ref = old, E_old[k1] = -KL(pi_old || pi_theta) <= 0.
       kl/k1_iw, kl/k3_iw  the same weighted by w_t = pi_theta/pi_old: unbiased for KL(pi_theta || pi_ref)
                           off-policy too.
-    is/frac_ratio_clamped, is/frac_rho_clamped: shares of samples whose log w or log rho hit max_log_ratio;
-                          reported at sequence level only (a per-token ratio does not reach e^20 in
-                          practice, LossParams.max_log_ratio).  rpg.train.learner drops the rho share when
-                          ref = old (rho = 1).
+    is/frac_ratio_clamped, is/frac_rho_clamped: shares of samples whose log w or log rho hit max_log_ratio.
     """
     logp, mask = logp.detach(), mask.to(logp.dtype)
     w_token = torch.exp((logp - old_logp.detach()).clamp(max=20.0))
     per_k1, per_k3 = k1(logp, ref_logp), k3(logp, ref_logp)
-    metrics = {
+    return {
         "is/weight_mean": masked_mean(s.w.detach(), s.valid),
         "is/weight_max": masked_max(s.w.detach(), s.valid),
+        "is/frac_ratio_clamped": masked_mean(s.clamped, s.valid),
+        "is/frac_rho_clamped": masked_mean(s.rho_clamped, s.valid),
         "kl/k1": masked_mean(per_k1, mask),
         "kl/k3": masked_mean(per_k3, mask),
         "kl/k1_iw": masked_mean(w_token * per_k1, mask),
         "kl/k3_iw": masked_mean(w_token * per_k3, mask),
     }
-    if s.level == "sequence":  # only a sum of log-ratios reaches max_log_ratio
-        metrics["is/frac_ratio_clamped"] = masked_mean(s.clamped, s.valid)
-        metrics["is/frac_rho_clamped"] = masked_mean(s.rho_clamped, s.valid)
-    return metrics

@@ -19,7 +19,7 @@ class Samples:
     logpi: log pi_theta(x) (grad).  log_w, w: log and value of pi_theta/pi_old (grad).
     d: log pi_theta/pi_ref (grad).  rho: pi_ref/pi_old (no grad).  adv: advantage per sample.
     valid: 1 for real samples.  clamped: 1 where |log_w| hit ``max_log_ratio`` (no grad there);
-    rho_clamped: 1 where |log rho| did.  level: "token" or "sequence", as ``LossParams.level``.
+    rho_clamped: 1 where |log rho| did.
     """
 
     logpi: torch.Tensor
@@ -31,7 +31,6 @@ class Samples:
     valid: torch.Tensor
     clamped: torch.Tensor
     rho_clamped: torch.Tensor
-    level: str
 
 
 def at_least_float32(loss_fn):
@@ -92,4 +91,4 @@ def build_samples(logp, old_logp, ref_logp, advantages, mask, params: LossParams
     rho_clamped = (log_rho.abs() > bound).to(logp.dtype)
     w = torch.exp(log_w.clamp(-bound, bound))
     rho = torch.exp(log_rho.clamp(-bound, bound))
-    return Samples(logpi, log_w, w, d, rho, adv, valid, clamped, rho_clamped, params.level)
+    return Samples(logpi, log_w, w, d, rho, adv, valid, clamped, rho_clamped)
