@@ -264,7 +264,7 @@ def test_an_inline_sweep_with_a_failed_run_says_so(tmp_path, cache_dir, capsys):
     table = capsys.readouterr().out.splitlines()[::-1]  # the table after the runs comes last
     done = next(line for line in table if line.startswith("algo=rpg_rf_urkl,seed=1 "))
     failed = next(line for line in table if "seed=2" in line and "model.path" in line)
-    assert " finished " in done and "toy/greedy_acc 0." in done
+    assert " finished " in done and "toy greedy_acc 0." in done and "mean_at_2 0." in done
     failed_dir = tmp_path / "runs" / "fails" / failed.split()[0]
     assert " failed " in failed and "FileNotFoundError: model.path=/nonexistent/model" in failed
     assert str(failed_dir / "traceback.txt") in failed

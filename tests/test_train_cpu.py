@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -318,8 +319,10 @@ def test_a_run_ends_by_saying_what_it_found_and_where(tmp_path, fast_overrides):
     run_id = (tmp_path / "run" / "run_id.txt").read_text().strip()
     final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     out = proc.stdout + proc.stderr
-    assert "rpg_rf_urkl-tiny-toy-s1: finished 2 steps" in out
-    assert "eval/toy/greedy_acc: " in out and f"-> {final['eval/toy/greedy_acc']:.3f}" in out
+    assert re.search(r"rpg_rf_urkl-tiny-toy-s1: finished 2 steps in \d+\.\d s", out), out
+    held_out = next(line for line in out.splitlines() if line.startswith("  held-out toy: "))
+    for stat in ("greedy_acc", "mean_at_2", "pass_at_2"):
+        assert f"{stat} " in held_out and f"-> {final[f'eval/toy/{stat}']:.3f}" in held_out, held_out
     assert f"MLflow run {run_id} in sqlite:///{db}; browse with: mlflow ui --backend-store-uri sqlite:///{db}" in out
     assert f"outputs and checkpoints: {tmp_path / 'run'}" in out
     exp = mlflow.MlflowClient(f"sqlite:///{db}").get_experiment_by_name("rpg").experiment_id
@@ -438,8 +441,27 @@ def test_re_running_a_killed_command_resumes_its_run(tmp_path, fast_overrides):
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/acc")] == [1, 2, 3, 4, 5]
 
+    ended = client.get_run(runs[0].info.run_id).info.end_time
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)  # once more
+    assert done.returncode == 0 and "finished 5 steps (already, in an earlier attempt" in done.stdout + done.stderr
+    assert client.get_run(runs[0].info.run_id).info.end_time == ended  # its MLflow run is left as it ended
+
     fresh = subprocess.run(command + ["resume=never"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "resuming from" not in fresh.stdout + fresh.stderr
     assert len(list((tmp_path / "outputs" / "rpg").iterdir())) == 2
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == 2
+
+
+@pytest.mark.slow
+def test_a_second_copy_of_a_running_command_is_refused(make_cfg, tmp_path, fast_overrides):
+    """Both would train in one folder, on one checkpoint series and one MLflow run."""
+    cfg = make_cfg("steps=30", "eval_every=0", out_dir=tmp_path / "busy", tracking=True)
+    proc = run_until_checkpoint(cfg, fast_overrides + ["steps=30", "eval_every=0"], tmp_path, step=1)
+    try:
+        with pytest.raises(ConfigError, match=rf"out_dir={tmp_path / 'busy'} is in use .*pid {proc.pid}.*resume=never"):
+            run(cfg)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    run(make_cfg("steps=2", "eval_every=0", out_dir=tmp_path / "busy", tracking=True))  # free once it is gone

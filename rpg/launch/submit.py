@@ -179,12 +179,15 @@ class TrainJob(Checkpointable):
             append_record(out_dir, event="start", job_id=job_id, host=socket.gethostname(), pid=os.getpid(),
                           resume_step=_latest_step(out_dir))
         try:
-            return start(cfg)
+            final = start(cfg)
         except Exception as exc:  # kept beside the run, also when it failed before its MLflow run existed
             if rank == 0:
                 (out_dir / FAILURE_FILE).write_text(traceback.format_exc())
                 append_record(out_dir, event="failed", job_id=job_id, error=f"{type(exc).__name__}: {exc}"[:500])
             raise
+        if rank == 0:  # an earlier attempt's failure is history now
+            (out_dir / FAILURE_FILE).unlink(missing_ok=True)
+        return final
 
     def checkpoint(self, config: dict) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on USR2, just before it requeues the job and exits: resubmit the same call.

@@ -270,8 +270,8 @@ def print_table(plans: list[Planned], out=None) -> None:
 
 
 def result(p: Planned) -> str:
-    """A finished run's held-out accuracy (its first eval set's greedy accuracy, else mean@k); a failed
-    run's error and where its traceback is."""
+    """A finished run's held-out numbers (greedy accuracy, mean@k, pass@k per eval set); a failed run's
+    error and where its traceback is."""
     from rpg.launch import submit as launch
     from rpg.tracking.identity import FINAL_METRICS
 
@@ -284,9 +284,10 @@ def result(p: Planned) -> str:
         final = json.loads((out_dir / FINAL_METRICS).read_text())
     except (OSError, ValueError):
         return "-"
-    keys = sorted(k for k in final if k.startswith("eval/") and k.endswith("/greedy_acc")) or \
-        sorted(k for k in final if k.startswith("eval/") and "/mean_at_" in k)
-    return ", ".join(f"{k.removeprefix('eval/')} {final[k]:.3f}" for k in keys[:2]) or "-"
+    from rpg.train.evaluation import headline
+
+    return "; ".join(f"{eval_set} " + ", ".join(f"{stat} {final[k]:.3f}" for stat, k in keys.items())
+                     for eval_set, keys in headline(final).items()) or "-"
 
 
 def submit(plans: list[Planned], launcher: str, profile: str | None, runs_root, sweep: Sweep, dry_run=False):

@@ -1,5 +1,5 @@
 """Experiment tracking with MLflow: `MLflowTracker` (protocol, `NullTracker`, URI rule: rpg/tracking/base.py;
-opening the store, retries, run queries: rpg/tracking/store.py; re-exported here). With tracking_store
+opening the store, retries, run queries: rpg/tracking/store.py; re-exported here). With rpg.tracking.store
 the only importers of mlflow; explicit run ids, no global active run; log lines lose any URI password.
 `log_metrics` only appends to a buffer; a background thread sends batches, retrying with backoff while
 the store is down. `persist()` (each checkpoint) makes what was logged durable: sent, or appended to
@@ -170,7 +170,7 @@ class MLflowTracker:
             path = self._write_unsent(records)
             log.error("tracking store %s unreachable at the end of run %s: %d metrics and %d "
                       "artifacts NOT sent, saved to %s. Send them later with: python -m "
-                      "rpg.tracking.tracker upload %s", self.tracking_uri, self.run_id, len(metrics),
+                      "rpg.tracking upload %s", self.tracking_uri, self.run_id, len(metrics),
                       len(ops), path, path)
 
     def _atexit(self) -> None:

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import re
+
 from rpg.train.build import EvalSet, encode_prompts, prompt_texts
 from rpg.train.evaluate import summarize_eval
 from rpg.rewards import get_reward_fn, score_safely
 from rpg.rollout.base import SamplingParams
+
+
+HEADLINE = re.compile(r"eval/(?P<set>[^/]+)/(?P<stat>greedy_acc|mean_at_\d+|pass_at_\d+)")
+
+
+def headline(metrics: dict[str, float]) -> dict[str, dict[str, str]]:
+    """{eval set: {stat: metric key}} of the held-out numbers a person reads first: greedy accuracy,
+    mean@k and pass@k, in that order."""
+    out: dict[str, dict[str, str]] = {}
+    for key in sorted(metrics, key=lambda k: (k.split("/")[1:2], "greedy" not in k, "pass_at" in k, k)):
+        m = HEADLINE.fullmatch(key)
+        if m:
+            out.setdefault(m["set"], {})[m["stat"]] = key
+    return out
 
 
 def evaluate_policy(engine, tokenizer, eval_sets: list[EvalSet], cfg, seed: int = 0) -> tuple[dict[str, float], list[dict]]:

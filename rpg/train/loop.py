@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from rpg.tracking.base import redact, resolve_tracking_uri
 from rpg.tracking.identity import FINAL_METRICS, Terminated, config_hash, git_state, raise_on_sigterm, resume_key, run_name
 from rpg.tracking.tracker import MLflowTracker, NullTracker
 from rpg.train.build import build_data, build_engine, build_optimizer, build_policy, check_toy_split
-from rpg.train.evaluation import evaluate_policy
+from rpg.train.evaluation import evaluate_policy, headline
 from rpg.train.learner import Learner
 from rpg.train.reference import Reference, needs_model
 from rpg.train.rollouts import PromptSampler, collect
@@ -63,16 +65,18 @@ def writable_dir(path: Path) -> Path:
 
 
 def run_summary(name: str, first: dict, last: dict, steps: int, out_dir: Path, run_id: str | None,
-                store: str | None, finished_before: bool = False, ui_link: str | None = None) -> str:
-    """What a finished run found and where it is: held-out accuracy at the first and last evaluation
-    (greedy where measured, else every mean@k), the MLflow run and the output folder. ``finished_before``:
-    the command found its run already complete (it says so, and how to start a fresh one)."""
-    evals = [k for k in sorted(last) if k.startswith("eval/") and k.endswith("/greedy_acc")]
-    evals = evals or [k for k in sorted(last) if k.startswith("eval/") and "/mean_at_" in k]
-    lines = [f"{name}: finished {steps} steps" + (" (already, in an earlier attempt: this command resumes "
-                                                  "its run; resume=never starts a fresh one)" if finished_before else "")]
-    for k in evals:
-        lines.append(f"  {k}: " + (f"{first[k]:.3f} (step 0) -> " if k in first else "") + f"{last[k]:.3f}")
+                store: str | None, finished_before: bool = False, ui_link: str | None = None,
+                wall_s: float | None = None) -> str:
+    """What a finished run found and where it is: per eval set, greedy accuracy, mean@k and pass@k at the
+    first and last evaluation; steps and wall time; the MLflow run, how to open it, and the output folder.
+    ``finished_before``: the command found its run already complete (it says so, and how to start afresh)."""
+    took = f" in {wall_s:.1f} s" if wall_s is not None and not finished_before else ""
+    lines = [f"{name}: finished {steps} steps{took}" + (" (already, in an earlier attempt: this command resumes "
+                                                        "its run; resume=never starts a fresh one)" if finished_before else "")]
+    for eval_set, keys in headline(last).items():
+        lines.append(f"  held-out {eval_set}: " + ", ".join(
+            f"{stat} " + (f"{first[k]:.3f} (step 0) -> " if k in first else "") + f"{last[k]:.3f}"
+            for stat, k in keys.items()))
     if run_id and store:
         browse = f"; browse with: mlflow ui --backend-store-uri {store}" if store.startswith("sqlite") else ""
         lines.append(f"  MLflow run {run_id} in {store}{browse}")
@@ -82,13 +86,47 @@ def run_summary(name: str, first: dict, last: dict, steps: int, out_dir: Path, r
     return "\n".join(lines)
 
 
+@contextmanager
+def holding(out_dir: Path, hold: bool = True):
+    """The run folder is this process's while it trains: a second copy of the same command (the same
+    folder, checkpoints and MLflow run) is refused before any work. The lock goes with the process, even
+    on SIGKILL."""
+    if not hold:
+        yield
+        return
+    with open(out_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ConfigError(f"out_dir={out_dir} is in use by another run of this configuration (pid "
+                              f"{f.read().strip() or '?'}): wait for it to end, or start a fresh run with "
+                              "resume=never (or another out_dir)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run(cfg) -> dict[str, float]:
+    """One run of ``cfg`` on this rank: checked, then trained or resumed in its folder (held alone for the
+    duration); returns the final metrics."""
+    t_start = time.perf_counter()
     validate(cfg)
     check_toy_split(cfg)
     backend = make_backend(cfg)
     for note in inert_mechanisms(cfg) if backend.is_main else []:
         log.warning("%s", note)
     out_dir = writable_dir(Path(backend.broadcast(str(Path(cfg.out_dir or Path.cwd()).resolve()))))  # rank 0's
+    with holding(out_dir, backend.is_main):
+        return train(cfg, backend, out_dir, t_start)
+
+
+def train(cfg, backend, out_dir: Path, t_start: float) -> dict[str, float]:
     ckpt_dir = out_dir / "checkpoints"
     torch.manual_seed(cfg.seed)
     if cfg.engine.torch_threads:
@@ -121,10 +159,12 @@ def run(cfg) -> dict[str, float]:
     elif cfg.resume == "auto" and (out_dir / "run_id.txt").is_file():
         progress.run_id = (out_dir / "run_id.txt").read_text().strip()  # crashed before its first checkpoint
     start_step, run_id, first_eval, final = progress.step, progress.run_id, progress.first_eval, progress.final
+    finished_before = start_step >= cfg.steps and run_id is not None  # its MLflow run stays as it ended
 
-    tracker = MLflowTracker(tracking_uri(cfg), output_dir=out_dir) if cfg.tracking.enabled and backend.is_main else NullTracker()
+    tracking = cfg.tracking.enabled and backend.is_main and not finished_before
+    tracker = MLflowTracker(tracking_uri(cfg), output_dir=out_dir) if tracking else NullTracker()
     logged = {"train": -1, "eval": -1}  # steps already in the store (a resumed run)
-    if backend.is_main:
+    if tracking:
         from rpg.tracking.ui import run_tags  # description and source, as the MLflow UI shows them
 
         sha, dirty = git_state()
@@ -151,7 +191,6 @@ def run(cfg) -> dict[str, float]:
             tracker.log_text("\n".join(json.dumps(d) for d in details), f"eval/step_{step:06d}.jsonl")
         return metrics
 
-    finished_before = start_step >= cfg.steps
     raise_on_sigterm()
     try:
         if start_step == 0 and eval_sets:
@@ -204,7 +243,7 @@ def run(cfg) -> dict[str, float]:
     tracker.end("FINISHED")
     if backend.is_main:
         (out_dir / FINAL_METRICS).write_text(json.dumps(final, indent=1))
-        log.info("%s", run_summary(run_name(cfg), first_eval, final, cfg.steps, out_dir, run_id,
-                                   getattr(tracker, "display_uri", None), finished_before,
-                                   getattr(tracker, "ui_link", None)))
+        store = redact(tracking_uri(cfg)) if cfg.tracking.enabled else None
+        log.info("%s", run_summary(run_name(cfg), first_eval, final, cfg.steps, out_dir, run_id, store,
+                                   finished_before, getattr(tracker, "ui_link", None), time.perf_counter() - t_start))
     return final
