@@ -47,22 +47,20 @@ def main(cfg: DictConfig) -> float | None:
         return None
     from rpg.launch.ranks import start
 
-    name_multirun_job(cfg)
+    name_job(cfg)
     logging.getLogger("rpg").setLevel(logging.INFO)
     final = start(cfg)
     return final.get("train/acc")
 
 
-def name_multirun_job(cfg: DictConfig) -> None:
-    """A ``-m`` job is named by its overrides (Hydra's override_dirname, e.g. ``algo=grpo,seed=2``) unless
-    ``name`` is set, so the runs of a multirun are told apart in MLflow and on their progress bars."""
+def name_job(cfg: DictConfig) -> None:
+    """A run started with overrides is named by them (its folder's name without the start time, e.g.
+    ``algo=grpo,seed=2``) unless ``name`` is set, so runs are told apart in MLflow and on their progress
+    bars; a run without overrides keeps the name <algo>-<model>-<data>-s<seed>."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if cfg.name is None and HydraConfig.initialized():
-        job = HydraConfig.get()
-        if job.mode == RunMode.MULTIRUN and job.job.override_dirname:
-            cfg.name = job.job.override_dirname
+    if cfg.name is None and HydraConfig.initialized() and HydraConfig.get().job.override_dirname:
+        cfg.name = run_folder_name(HydraConfig.get().job.override_dirname, "auto", "")
 
 
 if __name__ == "__main__":

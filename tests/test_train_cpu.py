@@ -319,7 +319,9 @@ def test_a_run_ends_by_saying_what_it_found_and_where(tmp_path, fast_overrides):
     run_id = (tmp_path / "run" / "run_id.txt").read_text().strip()
     final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     out = proc.stdout + proc.stderr
-    assert re.search(r"rpg_rf_urkl-tiny-toy-s1: finished 2 steps in \d+\.\d s", out), out
+    name = mlflow.MlflowClient(f"sqlite:///{db}").get_run(run_id).info.run_name  # named by its overrides
+    assert name.startswith("data.eval_sets.0.k=2,") and "rpg_rf_urkl" not in name, name
+    assert re.search(rf"{re.escape(name)}: finished 2 steps in \d+\.\d s", out), out
     held_out = next(line for line in out.splitlines() if line.startswith("  held-out toy: "))
     for stat in ("greedy_acc", "mean_at_2", "pass_at_2"):
         assert f"{stat} " in held_out and f"-> {final[f'eval/toy/{stat}']:.3f}" in held_out, held_out
