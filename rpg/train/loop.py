@@ -161,10 +161,10 @@ def train(cfg, backend, out_dir: Path, t_start: float) -> dict[str, float]:
     start_step, run_id, first_eval, final = progress.step, progress.run_id, progress.first_eval, progress.final
     finished_before = start_step >= cfg.steps and run_id is not None  # its MLflow run stays as it ended
 
-    tracking = cfg.tracking.enabled and backend.is_main and not finished_before
-    tracker = MLflowTracker(tracking_uri(cfg), output_dir=out_dir) if tracking else NullTracker()
+    starts = backend.is_main and not finished_before
+    tracker = MLflowTracker(tracking_uri(cfg), output_dir=out_dir) if cfg.tracking.enabled and starts else NullTracker()
     logged = {"train": -1, "eval": -1}  # steps already in the store (a resumed run)
-    if tracking:
+    if starts:
         from rpg.tracking.ui import run_tags  # description and source, as the MLflow UI shows them
 
         sha, dirty = git_state()
