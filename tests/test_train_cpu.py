@@ -448,6 +448,15 @@ def test_re_running_a_killed_command_resumes_its_run(tmp_path, fast_overrides):
     assert done.returncode == 0 and "finished 5 steps (already, in an earlier attempt" in done.stdout + done.stderr
     assert client.get_run(runs[0].info.run_id).info.end_time == ended  # its MLflow run is left as it ended
 
+    # metrics the finished run saved while its store was away are still delivered by the same command
+    run_id = runs[0].info.run_id
+    folder = folders[0]
+    (folder / f"unsent_metrics_{run_id}.jsonl").write_text(json.dumps(
+        {"run_id": run_id, "key": "late/x", "value": 1.5, "timestamp": 1, "step": 5}) + "\n")
+    assert subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300).returncode == 0
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "late/x")] == [(5, 1.5)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
     fresh = subprocess.run(command + ["resume=never"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "resuming from" not in fresh.stdout + fresh.stderr
@@ -458,8 +467,8 @@ def test_re_running_a_killed_command_resumes_its_run(tmp_path, fast_overrides):
 @pytest.mark.slow
 def test_a_second_copy_of_a_running_command_is_refused(make_cfg, tmp_path, fast_overrides):
     """Both would train in one folder, on one checkpoint series and one MLflow run."""
-    cfg = make_cfg("steps=30", "eval_every=0", out_dir=tmp_path / "busy", tracking=True)
-    proc = run_until_checkpoint(cfg, fast_overrides + ["steps=30", "eval_every=0"], tmp_path, step=1)
+    cfg = make_cfg("steps=300", "eval_every=0", out_dir=tmp_path / "busy", tracking=True)  # outlasts the check
+    proc = run_until_checkpoint(cfg, fast_overrides + ["steps=300", "eval_every=0"], tmp_path, step=1)
     try:
         with pytest.raises(ConfigError, match=rf"out_dir={tmp_path / 'busy'} is in use .*pid {proc.pid}.*resume=never"):
             run(cfg)

@@ -159,7 +159,9 @@ def train(cfg, backend, out_dir: Path, t_start: float) -> dict[str, float]:
     elif cfg.resume == "auto" and (out_dir / "run_id.txt").is_file():
         progress.run_id = (out_dir / "run_id.txt").read_text().strip()  # crashed before its first checkpoint
     start_step, run_id, first_eval, final = progress.step, progress.run_id, progress.first_eval, progress.final
-    finished_before = start_step >= cfg.steps and run_id is not None  # its MLflow run stays as it ended
+    # a finished run's MLflow run stays as it ended, unless metrics it saved while the store was away remain
+    finished_before = (start_step >= cfg.steps and run_id is not None
+                       and not list(out_dir.glob(f"unsent_metrics_{run_id}.jsonl")))
 
     starts = backend.is_main and not finished_before
     tracker = MLflowTracker(tracking_uri(cfg), output_dir=out_dir) if cfg.tracking.enabled and starts else NullTracker()
