@@ -72,7 +72,7 @@ RANGES = {
     "engine.device": (lambda v: v == "cpu" or v.startswith("cuda"), "cpu or cuda (cuda:N)"),
     "engine.dtype": _DTYPE,
     "engine.param_dtype": _DTYPE,
-    "engine.rollout": (lambda v: v in ("hf", "vllm"), "hf or vllm"),
+    "engine.rollout": (lambda v: v in ("hf", "lean", "vllm"), "hf, lean or vllm"),
     "engine.backend": (lambda v: v in ("local", "fsdp"), "local (one process) or fsdp (torchrun / SLURM tasks)"),
     "engine.num_gpus": (lambda v: v >= 0, ">= 0 (GPUs per node; 0 on CPU)"),
     "engine.ranks_per_node": _AT_LEAST_1,

@@ -54,6 +54,16 @@ class RolloutEngine(Protocol):
     def close(self) -> None: ...
 
 
+@torch.no_grad()
+def copy_weights(own_model, model) -> None:
+    """Copy ``model``'s weights into ``own_model`` (a full copy kept by a sampler); nothing if they are one."""
+    if model is own_model:
+        return
+    own = own_model.state_dict(keep_vars=True)
+    for name, t in model.state_dict().items():  # FSDP: DTensors, gathered one at a time on every rank
+        own[name].copy_(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
 def finish_responses(sequences: torch.Tensor, eos_id: int, pad_id: int):
     """Cut sampled continuations [B, R] at the first EOS (kept): returns ids, mask, truncated."""
     is_eos = sequences == eos_id

@@ -8,7 +8,7 @@ import logging
 import torch
 from transformers import GenerationConfig
 
-from rpg.rollout.base import Generations, SamplingParams, finish_responses, left_pad
+from rpg.rollout.base import Generations, SamplingParams, copy_weights, finish_responses, left_pad
 
 log = logging.getLogger("rpg.rollout")
 #: generation_config fields that do not change which tokens are sampled
@@ -64,13 +64,8 @@ class HFEngine:
         texts = tok.batch_decode(torch.where(resp_mask.bool(), resp, tok.pad_token_id), skip_special_tokens=True)
         return Generations(ids, mask, resp, resp_mask, texts, truncated)
 
-    @torch.no_grad()
     def sync_weights(self, model) -> None:
-        if model is self.model:
-            return
-        own = self.model.state_dict(keep_vars=True)
-        for name, t in model.state_dict().items():  # FSDP: DTensors, gathered one at a time on every rank
-            own[name].copy_(t.full_tensor() if hasattr(t, "full_tensor") else t)
+        copy_weights(self.model, model)
 
     def sleep(self) -> None:
         pass
