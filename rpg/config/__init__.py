@@ -98,7 +98,7 @@ class EngineConfig:
     name: str = MISSING
     device: str = "cpu"
     dtype: str = "float32"  # float32 | bfloat16
-    rollout: str = "hf"  # hf | vllm
+    rollout: str = "hf"  # hf | lean (small models, CPU) | vllm
     backend: str = "local"  # local (one process) | fsdp (FSDP2, one process per GPU or per CPU rank)
     num_gpus: int = 0  # GPUs per node; 0 on CPU
     ranks_per_node: Optional[int] = None  # fsdp: training processes per node (None = num_gpus)
