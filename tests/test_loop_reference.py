@@ -160,3 +160,39 @@ def test_distinct_objectives_end_distinct_and_equal_ones_equal(make_cfg, start):
     zero = {a: flat(trained(make_cfg, start, f"algo={a}", "algo.kl_coef=0")[1]) for a in RPG}
     for a in RPG[1:]:
         torch.testing.assert_close(zero[a], zero[RPG[0]], rtol=0.0, atol=1e-9)
+
+
+#: one optimizer step per RL step (16 responses, one mini-batch, one epoch) in micro-batches of 4
+ON_POLICY = [o for o in LOOP if not o.startswith("ppo.")] + [
+    "ppo.mini_batch_size=16", "ppo.micro_batch_size=4", "ppo.epochs=1"]
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_an_on_policy_step_takes_pi_old_from_its_own_forward(make_cfg, start, algo):
+    """With one optimizer step the update's forward is at the sampling weights: no separate pi_old forward,
+    and still exactly the paper's update (whose pi_old is scored beforehand) with the same entropy."""
+    model, batches = start
+    cfg = make_cfg(*ON_POLICY, f"algo={algo}")
+    mine, plain = copy.deepcopy(model), copy.deepcopy(model)
+    optimizer, scheduler = build_optimizer(cfg, mine)
+    a = cfg.algo
+    reference = Reference(frozen_copy(mine) if needs_model(a.ref_update) else None, a.ref_update, a.ref_update_k,
+                          a.ref_kl_threshold, a.ref_kl_ema)
+    learner = Learner(mine, optimizer, scheduler, reference, cfg, LocalBackend(), torch.Generator().manual_seed(cfg.seed))
+    forwards = []
+    mine.model.register_forward_hook(lambda *_: forwards.append(1))
+    history = [learner.step(batch, kl_after_update=True) for batch in batches]
+    assert len(forwards) == 2 * (4 + 4)  # per RL step: 4 update micro-batches + 4 for the KL after it
+    assert learner.optimizer_steps == 2
+    gens, temp = batches[0].gens, cfg.rollout.temperature
+    with torch.no_grad():  # the entropy of pi_old on the first batch, written out
+        positions = (gens.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = plain(input_ids=gens.input_ids, attention_mask=gens.attention_mask, position_ids=positions).logits
+        logp = (logits[:, gens.prompt_ids.shape[1] - 1 : -1] / temp).log_softmax(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        mask = gens.response_mask.double()
+    assert history[0]["train/entropy"] == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-9)
+    kl_after = plain_update(cfg, plain, batches)
+    assert [m["kl/k3_iw_after_update"] for m in history] == pytest.approx(kl_after, rel=1e-9, abs=1e-15)
+    assert (flat(plain) - flat(model)).abs().max() > 1e-4
+    torch.testing.assert_close(flat(mine), flat(plain), **TOL)

@@ -18,9 +18,9 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     input_ids, attention_mask: [B, P + R], prompts left-padded to P, responses right-padded to R.
     Logits are divided by ``temperature`` so the log-probs are those of the sampling distribution.
-    The vocabulary projection runs on ``chunk_tokens`` positions at a time (float32 or wider); with gradients on,
-    each chunk runs under activation checkpointing, so at most one chunk's logits exist at a time in
-    backward too (peak memory does not grow with response length x vocabulary).
+    The vocabulary projection runs on ``chunk_tokens`` positions at a time (float32 or wider); with gradients on
+    and a vocabulary larger than 4 x hidden, each chunk runs under activation checkpointing, so at most one
+    chunk's logits exist at a time in backward too (peak memory does not grow with response length x vocabulary).
     Returns logp [B, R] (with grad if enabled) and entropy [B, R] (detached) or None.
     ``model`` may also be a :class:`ResponseScorer` (the FSDP backend's training module).
     """
@@ -36,29 +36,33 @@ def _response_logprobs(model, input_ids, attention_mask, prompt_len, temperature
     b, r = input_ids.shape[0], input_ids.shape[1] - prompt_len
     states = hidden[:, prompt_len - 1 : -1].reshape(b * r, -1)  # position t predicts token t + 1
     targets = input_ids[:, prompt_len:].reshape(b * r)
+    # with gradients on, a large vocabulary's chunk runs under checkpointing: backward recomputes its logits
+    # instead of keeping [chunk, V] alive; a small one (V <= 4 x hidden, under one MLP's activations per
+    # token) is cheaper kept
+    save_memory = torch.is_grad_enabled() and head.weight.shape[0] > 4 * head.weight.shape[1]
     logps, ents = [], []
     for start in range(0, b * r, chunk_tokens):
         st, tgt = states[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        if not with_entropy:
-            # with gradients, backward recomputes this chunk's logits instead of keeping [chunk, V] alive
-            grad = torch.is_grad_enabled()
-            logps.append(checkpoint(_chunk_logp, head, st, tgt, temperature, use_reentrant=False) if grad
-                         else _chunk_logp(head, st, tgt, temperature))
-            continue
-        logits = _at_least_float32(head(st)) / temperature
-        logz = torch.logsumexp(logits, dim=-1)
-        logps.append(logits.gather(-1, tgt[:, None]).squeeze(-1) - logz)
-        with torch.no_grad():
-            p = F.softmax(logits, dim=-1)
-            ents.append(logz - (p * logits).sum(-1))
+        if save_memory:
+            lp, ent = checkpoint(_chunk_logp, head, st, tgt, temperature, with_entropy, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logp(head, st, tgt, temperature, with_entropy)
+        logps.append(lp)
+        ents.append(ent)
     logp = torch.cat(logps).view(b, r)
     entropy = torch.cat(ents).view(b, r) if with_entropy else None
     return logp, entropy
 
 
-def _chunk_logp(head, states, targets, temperature):
+def _chunk_logp(head, states, targets, temperature, with_entropy):
+    """log-probs of ``targets`` [N] (and the entropy, detached, or None) from hidden ``states`` [N, H]."""
     logits = _at_least_float32(head(states)) / temperature
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        return logp, logz - (F.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,13 @@ def score_logprobs(model, gens, cfg, backend, with_entropy=False):
     return logp, (backend.gather_rows(torch.cat(ents)) if with_entropy else None)
 
 
+def has_dropout(module: torch.nn.Module) -> bool:
+    """Whether training-mode forwards of ``module`` are random (a Dropout layer or a config's attention dropout)."""
+    config = getattr(module, "config", None) or getattr(getattr(module, "lm", None), "config", None)
+    return float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0 or any(
+        isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules())
+
+
 class Learner:
     """The policy's side of the loop: ``step(batch)`` runs one RL step and returns its metrics.
 
@@ -54,12 +61,15 @@ class Learner:
         (one more forward) for ``kl/k3_iw_after_update``."""
         cfg, gens = self.cfg, batch.gens
         mask = gens.response_mask.float()
-        old_logp, entropy = score_logprobs(self.module, gens, cfg, self.backend, with_entropy=True)
+        tis = None
+        if self._update_is_on_policy(gens):  # the update's own forward gives pi_old (and the entropy)
+            old_logp = entropy = None
+        else:
+            old_logp, entropy = score_logprobs(self.module, gens, cfg, self.backend, with_entropy=True)
+            if cfg.rollout.tis_cap and gens.sampler_logp is not None:
+                tis = tis_weights(old_logp, gens.sampler_logp, mask, cfg.rollout.tis_cap)
         ref_logp = self.reference.logprobs(lambda m: score_logprobs(m, gens, cfg, self.backend)[0], old_logp)
         advantages = self.advantage_fn(batch.scores, batch.group_ids, mask)
-        tis = None
-        if cfg.rollout.tis_cap and gens.sampler_logp is not None:
-            tis = tis_weights(old_logp, gens.sampler_logp, mask, cfg.rollout.tis_cap)
         rb = RolloutBatch(gens.input_ids, gens.attention_mask, gens.response_mask, old_logp, ref_logp,
                           advantages, gens.prompt_ids.shape[1], tis)
         u = cfg.ppo
@@ -67,6 +77,8 @@ class Learner:
                                 mini_batch_size=u.mini_batch_size, micro_batch_size=u.micro_batch_size,
                                 grad_clip=cfg.optim.grad_clip, temperature=cfg.rollout.temperature,
                                 chunk_tokens=cfg.engine.logprob_chunk, generator=self.shuffle, backend=self.backend)
+        old_logp, entropy = rb.old_logp, (entropy if entropy is not None else rb.entropy)
+        ref_logp = old_logp if ref_logp is None else ref_logp
         self.scheduler.step()  # once per RL step: optim.warmup_steps counts RL steps, as the paper's
         self.optimizer_steps += int(metrics.pop("optim/steps"))
         tokens = mask.sum().item()
@@ -90,6 +102,14 @@ class Learner:
             metrics.update({"rollout/tis_weight_mean": (tis * mask).sum().item() / tokens,
                             "rollout/tis_frac_capped": ((tis >= cfg.rollout.tis_cap) * mask).sum().item() / tokens})
         return metrics
+
+    def _update_is_on_policy(self, gens) -> bool:
+        """One optimizer step on weights that sampled the batch, with no dropout and no truncated IS: the
+        update's first forward is pi_old itself, so scoring the batch beforehand would only repeat it."""
+        u, rows = self.cfg.ppo, gens.response_ids.shape[0]
+        one_step = u.epochs == 1 and u.mini_batch_size >= rows
+        tis = self.cfg.rollout.tis_cap and gens.sampler_logp is not None
+        return one_step and not tis and not has_dropout(self.module)
 
     def state_dict(self) -> dict:
         """The schedule state a resume needs (the weights, optimizer and reference model: rpg.backend)."""

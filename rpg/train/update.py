@@ -25,25 +25,31 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class RolloutBatch:
     """Everything the update needs; rows are responses.  input_ids/attention_mask [B, P + R];
-    response_mask, old_logp, ref_logp, token_weights [B, R]; advantages [B]."""
+    response_mask, old_logp, ref_logp, token_weights, entropy [B, R]; advantages [B].
+
+    old_logp None: the update is on-policy by construction (one optimizer step, no dropout), so its own
+    forward at the sampling weights gives pi_old; policy_update then fills ``old_logp`` and ``entropy``.
+    ref_logp None: the anchor is pi_old (ref = old).
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
-    old_logp: torch.Tensor
-    ref_logp: torch.Tensor
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
     advantages: torch.Tensor
     prompt_len: int
     token_weights: torch.Tensor | None = None  # [B, R] per-token loss factors (truncated IS), or None
+    entropy: torch.Tensor | None = None
 
     def rows(self, idx: torch.Tensor) -> "RolloutBatch":
         """A subset of rows, trimmed to the longest response it holds."""
         width = max(int(self.response_mask[idx].sum(-1).max()), 1)
         p = self.prompt_len
-        weights = None if self.token_weights is None else self.token_weights[idx, :width]
+        cut = lambda t: None if t is None else t[idx, :width]
         return RolloutBatch(self.input_ids[idx, : p + width], self.attention_mask[idx, : p + width],
-                            self.response_mask[idx, :width], self.old_logp[idx, :width],
-                            self.ref_logp[idx, :width], self.advantages[idx], p, weights)
+                            self.response_mask[idx, :width], cut(self.old_logp), cut(self.ref_logp),
+                            self.advantages[idx], p, cut(self.token_weights))
 
 
 _MAX_METRICS = ("is/weight_max",)
@@ -61,10 +67,14 @@ def policy_update(model, optimizer, batch: RolloutBatch, loss_fn: Callable, para
     """
     backend = backend or LocalBackend()  # one process unless told
     model.train()
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     weights: dict[str, float] = {}
-    grad_norms: list[float] = []
+    grad_norms: list[torch.Tensor] = []
     n = batch.input_ids.shape[0]
+    record = batch.old_logp is None  # on-policy: this forward's log-probs are pi_old's
+    if record and (epochs != 1 or mini_batch_size < n):
+        raise ValueError("old_logp=None needs one optimizer step (ppo.epochs=1, ppo.mini_batch_size >= batch)")
+    recorded: list[tuple] = []
     steps = 0
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
@@ -74,9 +84,13 @@ def policy_update(model, optimizer, batch: RolloutBatch, loss_fn: Callable, para
             mine = backend.local_rows(mini)
             for m_start in range(0, len(mine), micro_batch_size):
                 micro = batch.rows(mine[m_start : m_start + micro_batch_size])
-                logp, _ = response_logprobs(model, micro.input_ids, micro.attention_mask, micro.prompt_len,
-                                            temperature, chunk_tokens)
-                out = loss_fn(logp, micro.old_logp, micro.ref_logp, micro.advantages,
+                logp, entropy = response_logprobs(model, micro.input_ids, micro.attention_mask, micro.prompt_len,
+                                                  temperature, chunk_tokens, with_entropy=record)
+                if record:
+                    micro.old_logp = logp.detach()
+                    recorded.append((mine[m_start : m_start + micro_batch_size], micro.old_logp, entropy))
+                ref_logp = micro.old_logp if micro.ref_logp is None else micro.ref_logp
+                out = loss_fn(logp, micro.old_logp, ref_logp, micro.advantages,
                               micro.response_mask.float(), params, totals, token_weights=micro.token_weights)
                 if not backend.all_finite(bool(torch.isfinite(out.loss))):
                     raise NonFiniteLossError(non_finite_message(out, micro, steps, optimizer, temperature))
@@ -92,11 +106,14 @@ def policy_update(model, optimizer, batch: RolloutBatch, loss_fn: Callable, para
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
-            grad_norms.append(float(grad_norm))
+            grad_norms.append(grad_norm.detach())
+    if record:
+        batch.old_logp, batch.entropy = _assemble(recorded, n, batch.response_mask.shape[1], backend)
+    sums = {k: float(v) for k, v in zip(sums, torch.stack(list(sums.values())).tolist())} if sums else {}
     sums, weights = backend.reduce_metrics(sums, weights, _MAX_METRICS)
     metrics = {k: v if k in _MAX_METRICS else v / steps if k.startswith(_SHARES) else v / weights[k]
                for k, v in sums.items()}
-    metrics["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
+    metrics["optim/grad_norm"] = torch.stack(grad_norms).mean().item()
     metrics["optim/steps"] = steps
     metrics["optim/lr"] = optimizer.param_groups[0]["lr"]
     return metrics
@@ -119,14 +136,28 @@ def non_finite_message(out, micro: RolloutBatch, steps: int, optimizer, temperat
     return f"loss is {out.loss.item()} at optimizer step {steps}; {cause}. Loss metrics: {metrics}"
 
 
+def _assemble(recorded: list[tuple], n: int, width: int, backend):
+    """The recorded (rows, old_logp, entropy) of this rank's micro-batches as [n, width] tensors of all rows."""
+    rows = torch.cat([r for r, _, _ in recorded])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))
+    parts = [backend.gather_rows(torch.cat([pad(t[i]) for t in recorded]))
+             for i in (1, 2)]
+    order = backend.gather_rows(rows[:, None])[:, 0]
+    full = [torch.empty_like(p) for p in parts]
+    for f, p in zip(full, parts):
+        f[order] = p
+    return full[0], full[1]
+
+
 def _accumulate(sums: dict, weights: dict, metrics: dict, tokens: float, samples: float) -> None:
     """Loss terms are shares of their mini-batch's loss (normalised by its totals): summed.  Means over a
     micro-batch are weighted by its tokens (kl/*) or samples (the rest), so the result is the mean over
-    the whole mini-batch whatever the micro-batch and rank split."""
+    the whole mini-batch whatever the micro-batch and rank split.  Values stay tensors (one host sync at the
+    end of the update)."""
     for k, v in metrics.items():
-        v = float(v)
+        v = torch.as_tensor(v, dtype=torch.float64).detach()
         if k in _MAX_METRICS:
-            sums[k] = max(sums.get(k, float("-inf")), v)
+            sums[k] = torch.maximum(sums[k], v) if k in sums else v
             continue
         w = 1.0 if k.startswith(_SHARES) else tokens if k.startswith("kl/") else samples
         sums[k] = sums.get(k, 0.0) + v * w
