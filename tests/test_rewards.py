@@ -262,3 +262,31 @@ def test_score_batch():
     assert [r["score"] for r in results] == [1.0, -1.0, -1.0]
     with pytest.raises(ValueError, match="one per response"):
         score_batch("amc_23", ["Answer: 1"], [])
+
+
+def test_score_batch_fails_only_the_hung_response_and_goes_on():
+    calls = []
+
+    def grader(response, ground_truth):
+        calls.append(response)
+        if response == "hang":
+            time.sleep(30)
+        return compute_score(response, ground_truth)
+
+    responses = ["Answer: 3"] * 10 + ["hang"] + ["Answer: 3", "Answer: 4"] * 5
+    started = time.monotonic()
+    results = score_batch(grader, responses, ["3"] * len(responses), timeout_s=0.2)
+    assert time.monotonic() - started < 2.0  # at most 2 x the limit for the hang, not 30 s
+    assert results[10]["score"] == -1.0 and results[10]["error"].startswith("timeout")
+    assert [r["score"] for i, r in enumerate(results) if i != 10] == [1.0] * 10 + [1.0, -1.0] * 5
+    assert calls.count("hang") == 2  # graded again alone before it is called a failure
+
+
+def test_score_batch_limits_each_response_not_the_batch():
+    """30 responses of 20 ms each outlast one 0.2 s timer; none of them is a timeout."""
+    def slow(response, ground_truth):
+        time.sleep(0.02)
+        return compute_score(response, ground_truth)
+
+    results = score_batch(slow, ["Answer: 1"] * 30, ["1"] * 30, timeout_s=0.2)
+    assert [r["score"] for r in results] == [1.0] * 30

@@ -1,7 +1,8 @@
 """Reward functions keyed by the ``data_source`` column of a prompt set, and safe ways to call them.
 
 A ``RewardFn`` grades one response: ``fn(response, ground_truth) -> {"score", "acc", "pred"}``.
-``score_safely`` wraps any of them so that an exception or a hang becomes a -1 score with an ``error``.
+``score_safely`` wraps any of them so that an exception or a hang becomes a -1 score with an ``error``;
+``score_batch`` does the same for a batch under one timer.
 """
 
 from __future__ import annotations
@@ -112,10 +113,16 @@ def score_safely(fn: RewardFn, response: str, ground_truth: str, timeout_s: floa
     ``{"score": -1.0, "acc": False, "pred": None, "error": <what happened>}``.
     """
     try:
-        result = call_with_timeout(fn, timeout_s, response, ground_truth)
+        return call_with_timeout(_grade, timeout_s, fn, response, ground_truth)
     except RewardTimeout as exc:
         return _failure(f"timeout: {exc}")
-    except Exception as exc:  # noqa: BLE001 - the point of this function
+
+
+def _grade(fn: RewardFn, response: str, ground_truth: str) -> dict:
+    """``fn``'s result checked and completed, or a failure record for an exception or a malformed result."""
+    try:
+        result = fn(response, ground_truth)
+    except Exception as exc:  # noqa: BLE001 - the point of score_safely
         return _failure(f"{type(exc).__name__}: {exc}")
     if not isinstance(result, Mapping) or "score" not in result:
         return _failure(f"reward function returned {type(result).__name__}, expected a dict with a 'score' key")
@@ -130,17 +137,35 @@ def score_safely(fn: RewardFn, response: str, ground_truth: str, timeout_s: floa
     return out
 
 
+def _grade_into(results: list, fn: RewardFn, responses: Sequence[str], ground_truths: Sequence[str]) -> None:
+    for i in range(len(results), len(responses)):
+        results.append(_grade(fn, responses[i], ground_truths[i]))
+
+
 def score_batch(
     name_or_fn: str | RewardFn,
     responses: Sequence[str],
     ground_truths: Sequence[str],
     timeout_s: float | None = 5.0,
 ) -> list[dict]:
-    """Grade responses one by one with ``score_safely``; a name is looked up in ``REWARDS``."""
+    """``score_safely`` for every response, with one timer for the whole batch instead of one per response.
+
+    ``timeout_s`` is still the limit of each response: when the batch's timer fires, the response being
+    graded is graded again alone under its own timer (a failure only if it alone runs past ``timeout_s``),
+    and the rest of the batch continues under a new timer.  A hung grader costs at most 2 x ``timeout_s``.
+    A name is looked up in ``REWARDS``.
+    """
     if len(responses) != len(ground_truths):
         raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths; give one per response")
     fn = get_reward_fn(name_or_fn) if isinstance(name_or_fn, str) else name_or_fn
-    return [score_safely(fn, r, gt, timeout_s) for r, gt in zip(responses, ground_truths)]
+    results: list[dict] = []
+    while len(results) < len(responses):
+        try:
+            call_with_timeout(_grade_into, timeout_s, results, fn, responses, ground_truths)
+        except RewardTimeout:
+            i = len(results)
+            results.append(score_safely(fn, responses[i], ground_truths[i], timeout_s))
+    return results
 
 
 __all__ = [

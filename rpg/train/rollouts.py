@@ -8,7 +8,7 @@ import torch
 
 from rpg.train.build import encode_prompts, prompt_texts
 from rpg.data import PromptSet
-from rpg.rewards import score_safely
+from rpg.rewards import score_batch
 from rpg.rewards.math import overlong_penalty
 from rpg.rollout.base import Generations, SamplingParams, concat_generations
 
@@ -57,14 +57,15 @@ class PromptSampler:
 def score(gens: Generations, prompts: PromptSet, n: int, reward_fn, timeout_s: float, max_len: int, buffer: int,
           penalty_scale: float = 1.0):
     """Per-response score, correctness and counts of failures; row i*n+j is sample j of prompt i."""
-    scores, acc, errors = [], [], 0
-    for row, text in enumerate(gens.texts):
-        r = score_safely(reward_fn, text, prompts.ground_truths[row // n], timeout_s)
-        errors += "error" in r
-        length = int(gens.response_mask[row].sum())
-        scores.append(r["score"] + (penalty_scale * overlong_penalty(length, max_len, buffer) if buffer else 0.0))
-        acc.append(float(bool(r["acc"])))
-    return torch.tensor(scores), torch.tensor(acc), errors
+    graded = score_batch(reward_fn, gens.texts, [prompts.ground_truths[row // n] for row in range(len(gens.texts))],
+                         timeout_s)
+    scores = torch.tensor([r["score"] for r in graded], dtype=torch.float64)
+    if buffer:
+        lengths = gens.response_mask.sum(-1).tolist()
+        scores += torch.tensor([penalty_scale * overlong_penalty(x, max_len, buffer) for x in lengths],
+                               dtype=torch.float64)
+    acc = torch.tensor([float(bool(r["acc"])) for r in graded])
+    return scores.float(), acc, sum("error" in r for r in graded)
 
 
 def collect(engine, tokenizer, train: PromptSet, sampler: PromptSampler, cfg, reward_fn) -> ScoredBatch:
