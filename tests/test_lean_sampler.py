@@ -23,7 +23,7 @@ def plain_loop(model, prompts, sampling, tok):
     out = []
     for _ in range(sampling.max_new_tokens):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
-        token, _ = sample_next(logits, sampling.temperature, sampling.top_p)
+        token, _, _ = sample_next(logits, sampling.temperature, sampling.top_p)
         out.append(token)
         ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     return finish_responses(torch.stack(out, 1), tok.eos_token_id, tok.pad_token_id)
@@ -58,17 +58,19 @@ def _random_lm(kind: str, vocab: int = 99):
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama"])
 def test_sampler_logprobs_are_the_trainers(kind):
-    """sampler_logp = what the trainer scores as pi_old (grouped-query attention, Qwen3's q/k norms, Llama)."""
+    """sampler_logp / sampler_entropy = what the trainer scores for pi_old (grouped-query attention, Qwen3's q/k norms, Llama)."""
     tok = build_char_tokenizer()
     model = _random_lm(kind)
     prompts = [tok.encode("3+4="), tok.encode("10+20=")]
     torch.manual_seed(1)
     gens = make_engine("lean", model, tok).generate(prompts, SamplingParams(n=8, temperature=0.7, max_new_tokens=10))
-    trainer, _ = response_logprobs(model, gens.input_ids, gens.attention_mask, gens.prompt_ids.shape[1], 0.7)
+    trainer, entropy = response_logprobs(model, gens.input_ids, gens.attention_mask, gens.prompt_ids.shape[1], 0.7,
+                                         with_entropy=True)
     m = gens.response_mask.bool()
     assert m.sum() > 40
     assert torch.allclose(gens.sampler_logp[m], trainer[m], atol=1e-4), (gens.sampler_logp[m] - trainer[m]).abs().max()
-    assert (gens.sampler_logp[~m] == 0).all()
+    assert torch.allclose(gens.sampler_entropy[m], entropy[m], atol=1e-4)
+    assert (gens.sampler_logp[~m] == 0).all() and (gens.sampler_entropy[~m] == 0).all()
 
 
 def test_unsupported_models_are_refused_when_built():

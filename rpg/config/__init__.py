@@ -130,6 +130,9 @@ class RolloutConfig:
     # engine.rollout=vllm: truncated importance sampling against sampler/trainer mismatch; each token's
     # loss is multiplied by min(pi_old / pi_sampler, tis_cap) (null = off; typical 2.0)
     tis_cap: Optional[float] = None
+    # sample the next batch in a second process while the current one trains (one update behind; the
+    # losses' pi_old is then the sampling policy, through its own log-probs). CPU, engine.rollout=lean, one rank.
+    overlap: bool = False
 
 
 @dataclass
@@ -232,6 +235,10 @@ def validate(cfg) -> None:
     if e.ranks_per_node is not None and (e.ranks_per_node < 1 or (e.num_gpus and e.ranks_per_node != e.num_gpus)):
         raise ConfigError(f"engine.ranks_per_node={e.ranks_per_node}: use one rank per GPU (engine.num_gpus="
                           f"{e.num_gpus}), or null")
+    if r.overlap and (e.rollout != "lean" or e.backend != "local"):
+        raise ConfigError(f"rollout.overlap=true samples in a second process with the lean sampler: it needs "
+                          f"engine.rollout=lean and engine.backend=local (now {e.rollout} and {e.backend}); or set "
+                          "rollout.overlap=false")
     if r.tis_cap is not None:
         if e.rollout != "vllm" or r.tis_cap <= 0:
             raise ConfigError(f"rollout.tis_cap={r.tis_cap} corrects vLLM's sampling mismatch: use it with "

@@ -22,7 +22,9 @@ class Generations:
 
     prompt_ids/prompt_mask: [B, P] left-padded.  response_ids/response_mask: [B, R] right-padded; the
     mask covers the tokens up to and including EOS.  truncated: [B] bool, no EOS within max_new_tokens.
-    sampler_logp: [B, R] the engine's own log-probs of the sampled tokens, if it reports them.
+    sampler_logp: [B, R] the engine's own log-probs of the sampled tokens, if it reports them;
+    sampler_entropy: [B, R] the entropy of its distribution at each response position, if it reports it.
+    policy_lag: how many updates the weights that sampled are behind the trained policy (rollout.overlap).
     """
 
     prompt_ids: torch.Tensor
@@ -32,6 +34,8 @@ class Generations:
     texts: list[str]
     truncated: torch.Tensor
     sampler_logp: Optional[torch.Tensor] = None
+    sampler_entropy: Optional[torch.Tensor] = None
+    policy_lag: int = 0
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -96,4 +100,6 @@ def concat_generations(parts: list[Generations]) -> Generations:
         torch.cat([pad_l(g.prompt_ids, p) for g in parts]), torch.cat([pad_l(g.prompt_mask, p) for g in parts]),
         torch.cat([pad_r(g.response_ids, r) for g in parts]), torch.cat([pad_r(g.response_mask, r) for g in parts]),
         sum((g.texts for g in parts), []), torch.cat([g.truncated for g in parts]),
-        None if parts[0].sampler_logp is None else torch.cat([pad_r(g.sampler_logp, r) for g in parts]))
+        *(None if getattr(parts[0], k) is None else torch.cat([pad_r(getattr(g, k), r) for g in parts])
+          for k in ("sampler_logp", "sampler_entropy")),
+        max(g.policy_lag for g in parts))

@@ -8,7 +8,8 @@ preallocated tensor per layer, so a decode step is the arithmetic plus one atten
 Tokens are drawn from softmax(logits / T), restricted to the top-p nucleus when top_p < 1 (the smallest set of
 most likely tokens whose probability reaches top_p, as transformers' TopPLogitsWarper), by inverse CDF with torch's
 global generator (one uniform per row).  ``sampler_logp`` holds log softmax(logits / T) of each sampled token: the quantity the trainer
-scores as pi_old, so the loop can use it directly (rollout overlap) or compare it (mismatch metrics).
+scores as pi_old, so the loop can use it directly (rollout overlap) or compare it (mismatch metrics);
+``sampler_entropy`` the entropy of softmax(logits / T) at each position.
 
 Supported: decoder-only models laid out as Llama/Qwen2/Qwen3 (``model.model.layers[i].self_attn.{q,k,v,o}_proj``,
 optional ``q_norm``/``k_norm``, ``mlp``, ``input_layernorm``, ``post_attention_layernorm``,
@@ -93,16 +94,18 @@ class _Decoder:
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float):
-    """One token per row from softmax(logits / T) (nucleus top_p), and its log-prob under softmax(logits / T).
+    """One token per row from softmax(logits / T) (nucleus top_p), its log-prob under softmax(logits / T) and
+    that distribution's entropy.
 
-    logits [B, V] -> tokens [B], logp [B]; temperature 0 is greedy (logp of the argmax at T = 1).
+    logits [B, V] -> tokens [B], logp [B], entropy [B]; temperature 0 is greedy (log-probs at T = 1).
     """
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    logp_all = torch.log_softmax(logits / (temperature or 1.0), -1)
+    probs = logp_all.exp()
+    entropy = -(probs * logp_all).sum(-1)
     if temperature == 0:
         token = logits.argmax(-1)
-        return token, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
-    logp_all = torch.log_softmax(logits / temperature, -1)
-    probs = logp_all.exp()
+        return token, logp_all.gather(-1, token[:, None]).squeeze(-1), entropy
     if top_p < 1.0:
         sorted_p, order = probs.sort(-1)  # ascending, as TopPLogitsWarper
         drop_sorted = sorted_p.cumsum(-1) <= 1 - top_p
@@ -114,7 +117,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float):
     cdf = probs.cumsum(-1)
     u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     token = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
-    return token, logp_all.gather(-1, token[:, None]).squeeze(-1)
+    return token, logp_all.gather(-1, token[:, None]).squeeze(-1), entropy
 
 
 class LeanEngine:
@@ -133,17 +136,19 @@ class LeanEngine:
         parts = [self._sample(ids[s:s + self.batch_size], mask[s:s + self.batch_size], sampling)
                  for s in range(0, ids.shape[0], self.batch_size)]
         self.model.train(was_training)
-        seqs, logp = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        seqs, logp, entropy = (torch.cat([p[i] for p in parts]) for i in range(3))
         resp, resp_mask, truncated = finish_responses(seqs, tok.eos_token_id, tok.pad_token_id)
         width = max(int(resp_mask.sum(-1).max()), 1)
         resp, resp_mask = resp[:, :width], resp_mask[:, :width]
-        logp = logp[:, :width] * resp_mask
         texts = tok.batch_decode(torch.where(resp_mask.bool(), resp, tok.pad_token_id), skip_special_tokens=True)
-        return Generations(ids, mask, resp, resp_mask, texts, truncated,
-                           None if sampling.temperature == 0 else logp)
+        if sampling.temperature == 0:
+            return Generations(ids, mask, resp, resp_mask, texts, truncated)
+        return Generations(ids, mask, resp, resp_mask, texts, truncated, logp[:, :width] * resp_mask,
+                           entropy[:, :width] * resp_mask)
 
     def _sample(self, ids: torch.Tensor, mask: torch.Tensor, sampling: SamplingParams):
-        """Tokens [b, R] (pad after each row's EOS) and their log-probs [b, R] for left-padded prompts."""
+        """Tokens [b, R] (pad after each row's EOS), their log-probs and the entropies [b, R] for left-padded
+        prompts."""
         device = next(self.model.parameters()).device
         ids, mask = ids.to(device), mask.to(device).bool()
         b, p, r = ids.shape[0], ids.shape[1], sampling.max_new_tokens
@@ -161,19 +166,19 @@ class LeanEngine:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         tokens = torch.full((b, r), pad, dtype=torch.long, device=device)
         logps = torch.zeros(b, r, dtype=torch.promote_types(dtype, torch.float32), device=device)
+        entropies = torch.zeros_like(logps)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         head = self.model.get_output_embeddings()
         for t in range(r):
-            token, logp = sample_next(head(hidden), sampling.temperature, sampling.top_p)
+            token, logps[:, t], entropies[:, t] = sample_next(head(hidden), sampling.temperature, sampling.top_p)
             tokens[:, t] = torch.where(done, pad, token)
-            logps[:, t] = logp
             done = done | (token == eos)
             if t == r - 1 or bool(done.all()):
                 break
             step_allowed = slots[:, None, None, : p + t + 1]
             hidden = self.decoder.forward(token[:, None], next_pos[:, None], p + t, step_allowed)[:, -1]
             next_pos = next_pos + 1
-        return tokens.cpu(), logps.cpu()
+        return tokens.cpu(), logps.cpu(), entropies.cpu()
 
     def sync_weights(self, model) -> None:
         copy_weights(self.model, model)

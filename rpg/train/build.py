@@ -170,7 +170,17 @@ def engine_options(cfg) -> dict:
 
 def build_engine(cfg, model, tokenizer, backend):
     """This rank's rollout engine: every rank samples its share of the prompts with its own engine; HF
-    generate needs a full copy of the model under FSDP."""
+    generate needs a full copy of the model under FSDP.  rollout.overlap: the training batches' engine runs
+    in a process of its own (rpg.rollout.background), built by :func:`build_train_engine`."""
     sampler_model = model if backend.world_size == 1 or cfg.engine.rollout == "vllm" else copy.deepcopy(model)
     engine = make_engine(cfg.engine.rollout, sampler_model, tokenizer, **engine_options(cfg))
     return ShardedEngine(engine, backend) if backend.world_size > 1 else engine
+
+
+def build_train_engine(cfg, model, tokenizer, engine):
+    """The engine of the training batches: ``engine`` itself, or with rollout.overlap a background one."""
+    if not cfg.rollout.overlap:
+        return engine
+    from rpg.rollout.background import BackgroundEngine
+
+    return BackgroundEngine(model, tokenizer, seed=cfg.seed, threads=cfg.engine.torch_threads)

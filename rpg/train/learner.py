@@ -62,7 +62,9 @@ class Learner:
         cfg, gens = self.cfg, batch.gens
         mask = gens.response_mask.float()
         tis = None
-        if self._update_is_on_policy(gens):  # the update's own forward gives pi_old (and the entropy)
+        if gens.policy_lag:  # rollout.overlap: sampled by weights behind these; the sampler's log-probs are pi_old
+            old_logp, entropy = gens.sampler_logp, gens.sampler_entropy
+        elif self._update_is_on_policy(gens):  # the update's own forward gives pi_old (and the entropy)
             old_logp = entropy = None
         else:
             old_logp, entropy = score_logprobs(self.module, gens, cfg, self.backend, with_entropy=True)
@@ -96,7 +98,9 @@ class Learner:
             metrics["ref/kl_avg"] = self.reference.kl_avg
         if self.reference.model is None:  # ref = old: rho = 1, never clamped
             metrics.pop("is/frac_rho_clamped", None)
-        if gens.sampler_logp is not None:  # vLLM: how far the sampler is from the trainer
+        if gens.policy_lag:
+            metrics["rollout/policy_lag"] = float(gens.policy_lag)
+        elif gens.sampler_logp is not None:  # how far the sampler's numbers are from the trainer's
             metrics.update(mismatch_metrics(gens.sampler_logp, old_logp, mask))
         if tis is not None:
             metrics.update({"rollout/tis_weight_mean": (tis * mask).sum().item() / tokens,

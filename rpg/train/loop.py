@@ -24,12 +24,12 @@ from rpg.config.mechanisms import inert_mechanisms
 from rpg.rewards import get_reward_fn
 from rpg.tracking.base import redact, resolve_tracking_uri
 from rpg.tracking.identity import FINAL_METRICS, Terminated, config_hash, git_state, raise_on_sigterm, resume_key, run_name
-from rpg.tracking.tracker import MLflowTracker, NullTracker
-from rpg.train.build import build_data, build_engine, build_optimizer, build_policy, check_toy_split
+from rpg.tracking.base import NullTracker
+from rpg.train.build import build_data, build_engine, build_optimizer, build_policy, build_train_engine, check_toy_split
 from rpg.train.evaluation import evaluate_policy, headline
 from rpg.train.learner import Learner
 from rpg.train.reference import Reference, needs_model
-from rpg.train.rollouts import PromptSampler, collect
+from rpg.train.rollouts import PromptSampler, collect, submit_next
 from rpg.train.state import Progress, checkpoint_state, restore
 
 log = logging.getLogger("rpg")
@@ -135,6 +135,7 @@ def train(cfg, backend, out_dir: Path, t_start: float) -> dict[str, float]:
     model, tokenizer, info = backend.main_first(lambda: build_policy(cfg))
     train_set, eval_sets = backend.main_first(lambda: build_data(cfg))
     engine = build_engine(cfg, model, tokenizer, backend)
+    train_engine = build_train_engine(cfg, model, tokenizer, engine)  # rollout.overlap: in a second process
     ref_model = backend.reference_model(model) if needs_model(cfg.algo.ref_update) else None
     module = backend.wrap(model)  # what the update trains and scores with
     optimizer, scheduler = build_optimizer(cfg, module)
@@ -144,7 +145,10 @@ def train(cfg, backend, out_dir: Path, t_start: float) -> dict[str, float]:
     reward_fn = get_reward_fn(cfg.data.reward)
 
     def sync_engine():
-        engine.sync_weights(backend.full_weights(module))
+        weights = backend.full_weights(module)
+        engine.sync_weights(weights)
+        if train_engine is not engine:
+            train_engine.sync_weights(weights)
 
     progress = Progress()
     state = backend.load(ckpt_dir, module, optimizer, ref_model) if cfg.resume == "auto" else None
@@ -164,7 +168,12 @@ def train(cfg, backend, out_dir: Path, t_start: float) -> dict[str, float]:
                        and not list(out_dir.glob(f"unsent_metrics_{run_id}.jsonl")))
 
     starts = backend.is_main and not finished_before
-    tracker = MLflowTracker(tracking_uri(cfg), output_dir=out_dir) if cfg.tracking.enabled and starts else NullTracker()
+    if cfg.tracking.enabled and starts:
+        from rpg.tracking.tracker import MLflowTracker  # mlflow is imported only by runs that log to it
+
+        tracker = MLflowTracker(tracking_uri(cfg), output_dir=out_dir)
+    else:
+        tracker = NullTracker()
     logged = {"train": -1, "eval": -1}  # steps already in the store (a resumed run)
     if starts:
         from rpg.tracking.ui import run_tags  # description and source, as the MLflow UI shows them
@@ -202,7 +211,9 @@ def train(cfg, backend, out_dir: Path, t_start: float) -> dict[str, float]:
                    dynamic_ncols=True, disable=not backend.is_main)
         for step in bar:
             t0 = time.perf_counter()
-            batch = collect(engine, tokenizer, train_set, sampler, cfg, reward_fn)  # the same batch on every rank
+            batch = collect(train_engine, tokenizer, train_set, sampler, cfg, reward_fn)  # the same on every rank
+            if cfg.rollout.overlap and step + 1 < cfg.steps:  # the next batch samples while this one trains
+                submit_next(train_engine, tokenizer, train_set, sampler, cfg)
             engine.sleep()  # vLLM on CUDA with engine.vllm_sleep: free its memory until the next sync
             t_rollout = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -240,6 +251,8 @@ def train(cfg, backend, out_dir: Path, t_start: float) -> dict[str, float]:
         tracker.end("FAILED")
         raise
     finally:
+        if train_engine is not engine:
+            train_engine.close()
         engine.close()
         backend.close()
     tracker.end("FINISHED")

@@ -33,11 +33,22 @@ class PromptSampler:
         if size == 0:
             raise ValueError("the training set is empty")
         self.size, self.seed, self.epoch, self.pos = size, seed, 0, 0
+        self.ahead: list[int] = []  # drawn by draw_ahead, returned by the next call of next
 
     def _perm(self) -> torch.Tensor:
         return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
 
+    def draw_ahead(self, n: int) -> list[int]:
+        """The indices the next ``next(n)`` will return, drawn now (they are kept in the state)."""
+        self.ahead = self.next(n)
+        return self.ahead
+
     def next(self, n: int) -> list[int]:
+        if self.ahead:
+            out, self.ahead = self.ahead, []
+            if len(out) != n:
+                raise ValueError(f"{len(out)} prompts were drawn ahead, {n} are asked for")
+            return out
         out = []
         while len(out) < n:
             take = self._perm()[self.pos : self.pos + n - len(out)].tolist()
@@ -48,10 +59,10 @@ class PromptSampler:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
+        return {"epoch": self.epoch, "pos": self.pos, "ahead": list(self.ahead)}
 
     def load_state_dict(self, s: dict) -> None:
-        self.epoch, self.pos = s["epoch"], s["pos"]
+        self.epoch, self.pos, self.ahead = s["epoch"], s["pos"], list(s.get("ahead", []))
 
 
 def score(gens: Generations, prompts: PromptSet, n: int, reward_fn, timeout_s: float, max_len: int, buffer: int,
@@ -68,13 +79,26 @@ def score(gens: Generations, prompts: PromptSet, n: int, reward_fn, timeout_s: f
     return scores.float(), acc, sum("error" in r for r in graded)
 
 
+def sampling_params(cfg) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
+                          max_new_tokens=cfg.data.max_response_len)
+
+
+def submit_next(engine, tokenizer, train: PromptSet, sampler: PromptSampler, cfg) -> None:
+    """rollout.overlap: start sampling the next batch's first round now, from the weights of the last sync."""
+    prompts = train.select(sampler.draw_ahead(cfg.rollout.prompts_per_step))
+    ids, _ = encode_prompts(prompt_texts(prompts, tokenizer, cfg.data.chat_template), tokenizer, cfg.data.max_prompt_len)
+    engine.submit(ids, sampling_params(cfg))
+
+
 def collect(engine, tokenizer, train: PromptSet, sampler: PromptSampler, cfg, reward_fn) -> ScoredBatch:
     """Sample prompts_per_step groups of G responses; with dynamic sampling keep only groups whose
     *accuracy* differs (as DAPO: shaping such as the overlong penalty does not make an all-wrong group a
     signal), drawing more prompt batches until the batch is full (at most max_gen_batches)."""
     a, r, d = cfg.algo, cfg.rollout, cfg.data
     n, want = r.samples_per_prompt, r.prompts_per_step
-    sampling = SamplingParams(n=n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=d.max_response_len)
+    sampling = sampling_params(cfg)
     buffer = int(a.overlong_buffer_frac * d.max_response_len)
     kept: list[tuple] = []
     rounds = dropped = errors = truncated_prompts = 0
@@ -110,5 +134,6 @@ def collect(engine, tokenizer, train: PromptSet, sampler: PromptSampler, cfg, re
 
 
 def _rows(g: Generations, rows: slice) -> Generations:
+    cut = lambda t: None if t is None else t[rows]
     return Generations(g.prompt_ids[rows], g.prompt_mask[rows], g.response_ids[rows], g.response_mask[rows],
-                       g.texts[rows], g.truncated[rows], None if g.sampler_logp is None else g.sampler_logp[rows])
+                       g.texts[rows], g.truncated[rows], cut(g.sampler_logp), cut(g.sampler_entropy), g.policy_lag)

@@ -1,0 +1,109 @@
+"""Rollouts in a second process, one batch ahead of training (rollout.overlap=true).
+
+``submit`` hands the next batch's prompts to a worker process that samples them with the lean sampler
+(rpg/rollout/lean.py) from a copy of the policy's weights in shared memory, while the trainer updates; the
+next ``generate`` with the same prompts returns that batch.  The copy is refreshed only when the worker is
+idle, at ``submit``: it holds the weights of the last ``sync_weights`` before it.  With the loop's order
+(collect batch t, submit batch t + 1, update on t, sync) every batch after the first is sampled by the policy
+one update behind the one it trains: ``Generations.policy_lag`` says how many updates, and the sampler's own
+log-probs (``sampler_logp``) are pi_old of the update, so the losses' importance weights are those of the
+policy that actually sampled the tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing.connection
+
+import torch
+import torch.multiprocessing as mp
+
+from rpg.rollout.base import Generations, SamplingParams, copy_weights
+from rpg.rollout.lean import LeanEngine, check_supported
+
+
+def _serve(conn: multiprocessing.connection.Connection, model, tokenizer, threads: int | None) -> None:
+    """The worker: generate each (prompts, sampling, seed) request it receives; None stops it."""
+    if threads:
+        torch.set_num_threads(threads)
+    engine = LeanEngine(model, tokenizer)
+    while True:
+        request = conn.recv()
+        if request is None:
+            return
+        prompts, sampling, seed = request
+        try:
+            torch.manual_seed(seed)
+            conn.send(engine.generate(prompts, sampling))
+        except Exception as exc:  # noqa: BLE001 - handed to the trainer, which raises it
+            conn.send(RuntimeError(f"rollout worker failed: {type(exc).__name__}: {exc}"))
+
+
+class BackgroundEngine:
+    """A rollout engine whose sampling runs in a worker process, one request in flight at a time."""
+
+    def __init__(self, model, tokenizer, seed: int = 0, threads: int | None = 1):
+        check_supported(model)
+        self.source, self.seed, self.requests = model, seed, 0
+        self.version = 0  # sync_weights calls so far; the worker's copy holds the weights of `copied`
+        self.copied = -1
+        self.shared = copy.deepcopy(model).eval().share_memory()
+        # fork: the worker starts at once, with nothing to re-import (spawn would re-run the caller's script);
+        # the weights it samples with are the shared-memory copy, so later copies into it reach the worker
+        ctx = mp.get_context("fork")
+        self.conn, child = ctx.Pipe()
+        self.worker = ctx.Process(target=_serve, args=(child, self.shared, tokenizer, threads), daemon=True,
+                                  name="rpg-rollout-worker")
+        self.worker.start()
+        child.close()
+        self.pending: tuple | None = None  # (prompts, sampling, version the worker samples with)
+
+    def submit(self, prompts: list[list[int]], sampling: SamplingParams) -> None:
+        """Start sampling ``prompts`` from the weights of the last sync; the next matching generate returns it."""
+        if self.pending is not None:
+            raise RuntimeError("a rollout request is already in flight: generate() it first")
+        if self.copied != self.version:  # the worker is idle: refresh its copy
+            copy_weights(self.shared, self.source)
+            self.copied = self.version
+        self.requests += 1
+        self.conn.send((prompts, sampling, self.seed * 1_000_003 + self.requests))
+        self.pending = (prompts, sampling, self.copied)
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> Generations:
+        if self.pending is None or self.pending[:2] != (prompt_token_ids, sampling):
+            if self.pending is not None:
+                self._receive()  # a different request: finish the one in flight, then sample this one
+            self.submit(prompt_token_ids, sampling)
+        version = self.pending[2]
+        gens = self._receive()
+        gens.policy_lag = self.version - version
+        return gens
+
+    def _receive(self) -> Generations:
+        self.pending = None
+        while not self.conn.poll(1.0):
+            if not self.worker.is_alive():
+                raise RuntimeError(f"the rollout worker process died (exit code {self.worker.exitcode})")
+        out = self.conn.recv()
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def sync_weights(self, model) -> None:
+        """Sample from ``model``'s weights from the next submit on (copied then, while the worker is idle)."""
+        self.source = model
+        self.version += 1
+
+    def sleep(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.worker.is_alive():
+            try:
+                self.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            self.worker.join(5)
+        if self.worker.is_alive():
+            self.worker.kill()
+        self.conn.close()
