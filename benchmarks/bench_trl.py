@@ -77,7 +77,7 @@ def rpg_worker(args) -> None:
 
     loop.NullTracker = StepRecorder
     with tempfile.TemporaryDirectory(prefix="rpg-bench-") as out:
-        cfg = compose(rpg_overrides(args.prompts, args.samples, args.max_len, args.steps, out, args.cache))
+        cfg = compose(rpg_overrides(args.prompts, args.samples, args.max_len, args.steps, out, args.cache) + args.set)
         loop.run(cfg)
     print("RESULT " + json.dumps({"step_s": times, "threads": torch.get_num_threads(),
                                   "cpu": torch.backends.cpu.get_cpu_capability()}), flush=True)
@@ -118,12 +118,20 @@ def ensure_trl_venv(venv: Path) -> Path:
 
 
 def run_side(cmd: list[str], env: dict) -> dict:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    """One fresh process: its RESULT, plus its wall time and peak RSS (of it and its children)."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        sys.stderr.write(stdout[-4000:] + stderr[-8000:])
         raise SystemExit(f"{cmd[1]} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    return {**json.loads(lines[-1][len("RESULT "):]), "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
 def parse_geometry(text: str) -> tuple[int, int, int]:
@@ -131,13 +139,18 @@ def parse_geometry(text: str) -> tuple[int, int, int]:
     return p, s, L
 
 
+SIDES = {"trl": "TRL GRPOTrainer", "rpg": "rpg, on-policy", "rpg+overlap": "rpg, rollout.overlap=true"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--geometries", default="16x8x20,2x8x32",
                     help="comma-separated PROMPTSxSAMPLESxMAX_RESPONSE_TOKENS (default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=6, help="RL steps per run (default: %(default)s)")
-    ap.add_argument("--warmup", type=int, default=1, help="first steps of each run left out (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=8, help="RL steps per run (default: %(default)s)")
+    ap.add_argument("--warmup", type=int, default=2, help="first steps of each run left out (default: %(default)s)")
     ap.add_argument("--reps", type=int, default=3, help="runs per side and geometry, interleaved (default: %(default)s)")
+    ap.add_argument("--startup-reps", type=int, default=3,
+                    help="one-step runs per side for process time and peak RSS (default: %(default)s; 0: none)")
     ap.add_argument("--trl-venv", type=Path, default=Path("/tmp/rpg-bench-trl-venv"))
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "rpg-bench-trl-cache"),
                     help="rpg cache_dir (warm start, toy parquet)")
@@ -146,6 +159,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--samples", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--max-len", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rpg_worker:
         return rpg_worker(args)
@@ -162,49 +176,67 @@ def main() -> None:
     hp = export_for_trl(export, args.cache)
     print(f"shared hyperparameters: {hp}", flush=True)
 
+    def commands(p, s, L, steps):
+        side_args = ["--prompts", str(p), "--samples", str(s), "--max-len", str(L), "--steps", str(steps)]
+        rpg = [sys.executable, str(Path(__file__).resolve()), "--rpg-worker", "--cache", args.cache, *side_args]
+        return {"trl": ([str(trl_py), str(TRL_SIDE), "--export", str(export), *side_args], env_trl),
+                "rpg": (rpg, env), "rpg+overlap": (rpg + ["--set", "rollout.overlap=true"], env)}
+
     results = {}
     for geo in args.geometries.split(","):
         p, s, L = parse_geometry(geo)
-        side_args = ["--prompts", str(p), "--samples", str(s), "--max-len", str(L), "--steps", str(args.steps)]
-        trl_cmd = [str(trl_py), str(TRL_SIDE), "--export", str(export), *side_args]
-        rpg_cmd = [sys.executable, str(Path(__file__).resolve()), "--rpg-worker", "--cache", args.cache, *side_args]
-        runs = {"trl": [], "rpg": []}
+        runs = {side: [] for side in SIDES}
         for rep in range(args.reps):
-            for side, cmd, e in (("trl", trl_cmd, env_trl), ("rpg", rpg_cmd, env)):
-                t0 = time.perf_counter()
+            for side, (cmd, e) in commands(p, s, L, args.steps).items():
                 r = run_side(cmd, e)
                 if len(r["step_s"]) != args.steps:
                     raise SystemExit(f"{side}: {len(r['step_s'])} step times for {args.steps} steps")
                 runs[side].append(r)
                 kept = r["step_s"][args.warmup:]
                 print(f"[{geo} rep {rep + 1}/{args.reps}] {side}: median {1e3 * statistics.median(kept):.0f} ms/step "
-                      f"(process {time.perf_counter() - t0:.0f} s, {r['threads']} thread, {r['cpu']})", flush=True)
+                      f"(process {r['wall_s']:.0f} s, {r['threads']} thread, {r['cpu']})", flush=True)
         results[geo] = runs
+    startup = {side: [] for side in ("trl", "rpg")}
+    for rep in range(args.startup_reps):
+        for side in startup:
+            cmd, e = commands(16, 8, 20, 1)[side]
+            startup[side].append(run_side(cmd, e))
+            print(f"[one-step run {rep + 1}/{args.startup_reps}] {side}: {startup[side][-1]['wall_s']:.1f} s, "
+                  f"peak RSS {startup[side][-1]['peak_rss_mb']:.0f} MB", flush=True)
     shutil.rmtree(export, ignore_errors=True)
 
     trl_info = results[next(iter(results))]["trl"][0]
     v = trl_info["versions"]
     print()
-    print(f"kernel set: rpg {torch.backends.cpu.get_cpu_capability()}, TRL {trl_info['cpu']}; torch threads: 1 both "
-          f"sides; {os.cpu_count()} CPUs")
+    print(f"kernel set: rpg {torch.backends.cpu.get_cpu_capability()}, TRL {trl_info['cpu']}; torch threads: 1 per "
+          f"process; {os.cpu_count()} CPUs")
     print(f"rpg side: torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
     print(f"TRL side: trl {v['trl']}, torch {v['torch']}, transformers {v['transformers']}, datasets {v['datasets']}")
     print(f"steps per run {args.steps} (first {args.warmup} dropped), {args.reps} interleaved runs per side; "
-          "medians over all kept steps, [min-max of per-run medians]")
+          "medians over all kept steps, [min-max of per-run medians]; speedup = TRL ms / rpg ms (steps/s ratio)")
     print()
-    head = f"{'geometry (P x G, max tokens)':<30}{'TRL ms/step':>22}{'rpg ms/step':>22}{'rpg/TRL':>9}"
+    head = f"{'geometry (P x G, max tokens)':<30}" + "".join(f"{side + ' ms/step':>22}" for side in SIDES) + \
+        "".join(f"{'x TRL (' + side + ')':>20}" for side in list(SIDES)[1:])
     print(head)
     print("-" * len(head))
     for geo, runs in results.items():
-        cells = []
-        for side in ("trl", "rpg"):
+        cells = {}
+        for side in SIDES:
             kept = [t for r in runs[side] for t in r["step_s"][args.warmup:]]
             per_run = [statistics.median(r["step_s"][args.warmup:]) for r in runs[side]]
-            cells.append((statistics.median(kept), min(per_run), max(per_run)))
-        (tm, tlo, thi), (rm, rlo, rhi) = cells
+            cells[side] = (statistics.median(kept), min(per_run), max(per_run))
         p, s, L = parse_geometry(geo)
         fmt = lambda m, lo, hi: f"{1e3 * m:.0f} [{1e3 * lo:.0f}-{1e3 * hi:.0f}]"
-        print(f"{f'{p} x {s}, <= {L}':<30}{fmt(tm, tlo, thi):>22}{fmt(rm, rlo, rhi):>22}{rm / tm:>9.2f}")
+        print(f"{f'{p} x {s}, <= {L}':<30}" + "".join(f"{fmt(*cells[side]):>22}" for side in SIDES)
+              + "".join(f"{cells['trl'][0] / cells[side][0]:>20.2f}" for side in list(SIDES)[1:]))
+    if args.startup_reps:
+        print()
+        print("one-step run (16 x 8, <= 20 tokens), whole process: median wall s / peak RSS MB")
+        med = {side: (statistics.median(r["wall_s"] for r in rs), statistics.median(r["peak_rss_mb"] for r in rs))
+               for side, rs in startup.items()}
+        for side, (w, m) in med.items():
+            print(f"  {side:<5} {w:6.1f} s {m:7.0f} MB")
+        print(f"  rpg/TRL: time {med['rpg'][0] / med['trl'][0]:.2f}, peak RSS {med['rpg'][1] / med['trl'][1]:.2f}")
 
 
 if __name__ == "__main__":
