@@ -39,9 +39,11 @@ def _nudge(model, scale=0.05, seed=0):
 
 
 def test_the_worker_samples_with_the_weights_of_the_last_sync_before_the_request():
+    """... and scores the batch under the frozen reference."""
     tok = build_char_tokenizer()
     model = build_tiny_model(seed=0, tokenizer=tok)
-    engine = BackgroundEngine(model, tok, seed=1)
+    reference = build_tiny_model(seed=5, tokenizer=tok)  # a frozen anchor the worker scores each batch under
+    engine = BackgroundEngine(model, tok, seed=1, reference=reference, score=lambda m, g: _logp(m, g, 1.0))
     try:
         prompts, sampling = [tok.encode("12+3="), tok.encode("4+56=")], SamplingParams(n=8, max_new_tokens=10)
         before = copy.deepcopy(model)
@@ -55,6 +57,9 @@ def test_the_worker_samples_with_the_weights_of_the_last_sync_before_the_request
             behind, now = _logp(before, gens, 1.0), _logp(model, gens, 1.0)
         assert torch.allclose(gens.sampler_logp[m], behind[m], atol=1e-4)
         assert (gens.sampler_logp[m] - now[m]).abs().max() > 1e-2  # the nudge is visible: the test can fail
+        with torch.no_grad():
+            anchor = _logp(reference, gens, 1.0)
+        torch.testing.assert_close(gens.ref_logp, anchor, rtol=0, atol=1e-6)
         fresh = engine.generate(prompts, sampling)  # nothing in flight: sampled now, from the synced weights
         with torch.no_grad():
             now = _logp(model, fresh, 1.0)
@@ -106,7 +111,7 @@ def test_a_stale_batchs_pi_old_is_the_samplers(make_cfg):
 def test_an_overlapped_run_trains_one_update_behind_and_leaves_no_process(make_cfg):
     import rpg.train.loop as loop
 
-    cfg = make_cfg("rollout.overlap=true", "steps=3", "eval_every=0")
+    cfg = make_cfg("rollout.overlap=true", "algo.ref_update=never", "steps=3", "eval_every=0")  # worker scores ref
     logged = []
 
     class Recorder(loop.NullTracker):

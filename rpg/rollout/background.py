@@ -7,7 +7,8 @@ idle, at ``submit``: it holds the weights of the last ``sync_weights`` before it
 (collect batch t, submit batch t + 1, update on t, sync) every batch after the first is sampled by the policy
 one update behind the one it trains: ``Generations.policy_lag`` says how many updates, and the sampler's own
 log-probs (``sampler_logp``) are pi_old of the update, so the losses' importance weights are those of the
-policy that actually sampled the tokens.
+policy that actually sampled the tokens.  With a frozen reference (algo.ref_update=never) the worker also
+scores each batch under it, so the trainer's step is the update alone.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from rpg.rollout.base import Generations, SamplingParams, copy_weights
 from rpg.rollout.lean import LeanEngine, check_supported
 
 
-def _serve(conn: multiprocessing.connection.Connection, model, tokenizer, threads: int | None) -> None:
-    """The worker: generate each (prompts, sampling, seed) request it receives; None stops it."""
+def _serve(conn: multiprocessing.connection.Connection, model, tokenizer, threads: int | None, reference,
+           score) -> None:
+    """The worker: generate each (prompts, sampling, seed) request it receives (and score the responses
+    under the frozen reference, if it has one); None stops it."""
     if threads:
         torch.set_num_threads(threads)
     engine = LeanEngine(model, tokenizer)
@@ -34,7 +37,11 @@ def _serve(conn: multiprocessing.connection.Connection, model, tokenizer, thread
         prompts, sampling, seed = request
         try:
             torch.manual_seed(seed)
-            conn.send(engine.generate(prompts, sampling))
+            gens = engine.generate(prompts, sampling)
+            if reference is not None:
+                with torch.no_grad():
+                    gens.ref_logp = score(reference, gens)
+            conn.send(gens)
         except Exception as exc:  # noqa: BLE001 - handed to the trainer, which raises it
             conn.send(RuntimeError(f"rollout worker failed: {type(exc).__name__}: {exc}"))
 
@@ -42,7 +49,9 @@ def _serve(conn: multiprocessing.connection.Connection, model, tokenizer, thread
 class BackgroundEngine:
     """A rollout engine whose sampling runs in a worker process, one request in flight at a time."""
 
-    def __init__(self, model, tokenizer, seed: int = 0, threads: int | None = 1):
+    def __init__(self, model, tokenizer, seed: int = 0, threads: int | None = 1, reference=None, score=None):
+        """``reference``: a frozen model whose log-probs of each batch, ``score(reference, gens)``, the worker
+        computes after sampling (``Generations.ref_logp``), off the trainer's time."""
         check_supported(model)
         self.source, self.seed, self.requests = model, seed, 0
         self.version = 0  # sync_weights calls so far; the worker's copy holds the weights of `copied`
@@ -52,8 +61,12 @@ class BackgroundEngine:
         # the weights it samples with are the shared-memory copy, so later copies into it reach the worker
         ctx = mp.get_context("fork")
         self.conn, child = ctx.Pipe()
-        self.worker = ctx.Process(target=_serve, args=(child, self.shared, tokenizer, threads), daemon=True,
-                                  name="rpg-rollout-worker")
+        # the reference's copy is filled at the first submit, after a resume has loaded its weights
+        self.reference = reference
+        frozen = None if reference is None else copy.deepcopy(reference).eval().share_memory()
+        self.frozen = frozen
+        self.worker = ctx.Process(target=_serve, args=(child, self.shared, tokenizer, threads, frozen, score),
+                                  daemon=True, name="rpg-rollout-worker")
         self.worker.start()
         child.close()
         self.pending: tuple | None = None  # (prompts, sampling, version the worker samples with)
@@ -64,6 +77,8 @@ class BackgroundEngine:
             raise RuntimeError("a rollout request is already in flight: generate() it first")
         if self.copied != self.version:  # the worker is idle: refresh its copy
             copy_weights(self.shared, self.source)
+            if self.copied < 0 and self.frozen is not None:
+                copy_weights(self.frozen, self.reference)
             self.copied = self.version
         self.requests += 1
         self.conn.send((prompts, sampling, self.seed * 1_000_003 + self.requests))

@@ -25,6 +25,7 @@ class Generations:
     sampler_logp: [B, R] the engine's own log-probs of the sampled tokens, if it reports them;
     sampler_entropy: [B, R] the entropy of its distribution at each response position, if it reports it.
     policy_lag: how many updates the weights that sampled are behind the trained policy (rollout.overlap).
+    ref_logp: [B, R] the frozen reference's log-probs of the responses, if the engine scored them.
     """
 
     prompt_ids: torch.Tensor
@@ -36,6 +37,7 @@ class Generations:
     sampler_logp: Optional[torch.Tensor] = None
     sampler_entropy: Optional[torch.Tensor] = None
     policy_lag: int = 0
+    ref_logp: Optional[torch.Tensor] = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -102,4 +104,5 @@ def concat_generations(parts: list[Generations]) -> Generations:
         sum((g.texts for g in parts), []), torch.cat([g.truncated for g in parts]),
         *(None if getattr(parts[0], k) is None else torch.cat([pad_r(getattr(g, k), r) for g in parts])
           for k in ("sampler_logp", "sampler_entropy")),
-        max(g.policy_lag for g in parts))
+        max(g.policy_lag for g in parts),
+        None if parts[0].ref_logp is None else torch.cat([pad_r(g.ref_logp, r) for g in parts]))

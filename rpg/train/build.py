@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,10 +178,20 @@ def build_engine(cfg, model, tokenizer, backend):
     return ShardedEngine(engine, backend) if backend.world_size > 1 else engine
 
 
-def build_train_engine(cfg, model, tokenizer, engine):
-    """The engine of the training batches: ``engine`` itself, or with rollout.overlap a background one."""
+def build_train_engine(cfg, model, tokenizer, engine, ref_model, backend):
+    """The engine of the training batches: ``engine`` itself, or with rollout.overlap a background one (which
+    also scores the batches under a frozen reference, algo.ref_update=never)."""
     if not cfg.rollout.overlap:
         return engine
     from rpg.rollout.background import BackgroundEngine
 
-    return BackgroundEngine(model, tokenizer, seed=cfg.seed, threads=cfg.engine.torch_threads)
+    frozen = ref_model if cfg.algo.ref_update == "never" else None
+    return BackgroundEngine(model, tokenizer, seed=cfg.seed, threads=cfg.engine.torch_threads, reference=frozen,
+                            score=functools.partial(score_reference, cfg=cfg, backend=backend))
+
+
+def score_reference(reference, gens, cfg, backend):
+    """The reference's log-probs of a batch's responses, as the learner scores them (micro-batched)."""
+    from rpg.train.learner import score_logprobs
+
+    return score_logprobs(reference, gens, cfg, backend)[0]

@@ -70,7 +70,10 @@ class Learner:
             old_logp, entropy = score_logprobs(self.module, gens, cfg, self.backend, with_entropy=True)
             if cfg.rollout.tis_cap and gens.sampler_logp is not None:
                 tis = tis_weights(old_logp, gens.sampler_logp, mask, cfg.rollout.tis_cap)
-        ref_logp = self.reference.logprobs(lambda m: score_logprobs(m, gens, cfg, self.backend)[0], old_logp)
+        if gens.ref_logp is not None:  # scored by the rollout worker (rollout.overlap, frozen reference)
+            ref_logp = gens.ref_logp
+        else:
+            ref_logp = self.reference.logprobs(lambda m: score_logprobs(m, gens, cfg, self.backend)[0], old_logp)
         advantages = self.advantage_fn(batch.scores, batch.group_ids, mask)
         rb = RolloutBatch(gens.input_ids, gens.attention_mask, gens.response_mask, old_logp, ref_logp,
                           advantages, gens.prompt_ids.shape[1], tis)

@@ -135,8 +135,8 @@ def train(cfg, backend, out_dir: Path, t_start: float) -> dict[str, float]:
     model, tokenizer, info = backend.main_first(lambda: build_policy(cfg))
     train_set, eval_sets = backend.main_first(lambda: build_data(cfg))
     engine = build_engine(cfg, model, tokenizer, backend)
-    train_engine = build_train_engine(cfg, model, tokenizer, engine)  # rollout.overlap: in a second process
     ref_model = backend.reference_model(model) if needs_model(cfg.algo.ref_update) else None
+    train_engine = build_train_engine(cfg, model, tokenizer, engine, ref_model, backend)  # overlap: a 2nd process
     module = backend.wrap(model)  # what the update trains and scores with
     optimizer, scheduler = build_optimizer(cfg, module)
     reference = Reference(ref_model, cfg.algo.ref_update, cfg.algo.ref_update_k, cfg.algo.ref_kl_threshold, cfg.algo.ref_kl_ema)

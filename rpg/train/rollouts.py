@@ -136,4 +136,5 @@ def collect(engine, tokenizer, train: PromptSet, sampler: PromptSampler, cfg, re
 def _rows(g: Generations, rows: slice) -> Generations:
     cut = lambda t: None if t is None else t[rows]
     return Generations(g.prompt_ids[rows], g.prompt_mask[rows], g.response_ids[rows], g.response_mask[rows],
-                       g.texts[rows], g.truncated[rows], cut(g.sampler_logp), cut(g.sampler_entropy), g.policy_lag)
+                       g.texts[rows], g.truncated[rows], cut(g.sampler_logp), cut(g.sampler_entropy), g.policy_lag,
+                       cut(g.ref_logp))
