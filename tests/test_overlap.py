@@ -140,3 +140,21 @@ def test_prompts_drawn_ahead_survive_a_checkpoint():
     resumed.load_state_dict(s.state_dict())
     assert resumed.next(4) == ahead == s.next(4)
     assert resumed.next(4) == s.next(4)
+
+
+def test_the_reference_is_scored_where_it_shortens_the_step():
+    tok = build_char_tokenizer()
+    model = build_tiny_model(seed=0, tokenizer=tok)
+    engine = BackgroundEngine(model, tok, reference=copy.deepcopy(model), score=lambda m, g: _logp(m, g, 1.0))
+    try:
+        assert engine.score_in_worker
+        engine._place_reference(trainer_s=0.070, sample_s=0.040, reference_s=0.020)  # 16 x 8: the update is slower
+        assert engine.score_in_worker
+        engine._place_reference(trainer_s=0.012, sample_s=0.017, reference_s=0.004)  # 2 x 8: sampling is slower
+        assert not engine.score_in_worker
+        engine._place_reference(trainer_s=0.016, sample_s=0.017, reference_s=0.0)  # the trainer scored it: stays
+        assert not engine.score_in_worker
+        engine._place_reference(trainer_s=0.090, sample_s=0.040, reference_s=0.0)  # the update grew: back
+        assert engine.score_in_worker
+    finally:
+        engine.close()

@@ -8,13 +8,15 @@ idle, at ``submit``: it holds the weights of the last ``sync_weights`` before it
 one update behind the one it trains: ``Generations.policy_lag`` says how many updates, and the sampler's own
 log-probs (``sampler_logp``) are pi_old of the update, so the losses' importance weights are those of the
 policy that actually sampled the tokens.  With a frozen reference (algo.ref_update=never) the worker also
-scores each batch under it, so the trainer's step is the update alone.
+scores a batch under it when that shortens the step (its sampling is faster than the trainer's update, as at
+16 x 8 on the tiny model); otherwise the trainer does, as without overlap.
 """
 
 from __future__ import annotations
 
 import copy
 import multiprocessing.connection
+import time
 
 import torch
 import torch.multiprocessing as mp
@@ -34,14 +36,16 @@ def _serve(conn: multiprocessing.connection.Connection, model, tokenizer, thread
         request = conn.recv()
         if request is None:
             return
-        prompts, sampling, seed = request
+        prompts, sampling, seed, score_reference = request
         try:
+            t0 = time.perf_counter()
             torch.manual_seed(seed)
             gens = engine.generate(prompts, sampling)
-            if reference is not None:
+            t1 = time.perf_counter()
+            if score_reference:
                 with torch.no_grad():
                     gens.ref_logp = score(reference, gens)
-            conn.send(gens)
+            conn.send((gens, t1 - t0, time.perf_counter() - t1))
         except Exception as exc:  # noqa: BLE001 - handed to the trainer, which raises it
             conn.send(RuntimeError(f"rollout worker failed: {type(exc).__name__}: {exc}"))
 
@@ -70,6 +74,11 @@ class BackgroundEngine:
         self.worker.start()
         child.close()
         self.pending: tuple | None = None  # (prompts, sampling, version the worker samples with)
+        # where the reference is scored: the worker's time (sampling + reference) against the trainer's
+        # between a submit and the next receive decides, per request (the numbers are the same either way)
+        self.timing = {"sample": 0.0, "reference": 0.0, "trainer": 0.0}
+        self.score_in_worker = reference is not None
+        self.submitted_at = 0.0
 
     def submit(self, prompts: list[list[int]], sampling: SamplingParams) -> None:
         """Start sampling ``prompts`` from the weights of the last sync; the next matching generate returns it."""
@@ -81,8 +90,9 @@ class BackgroundEngine:
                 copy_weights(self.frozen, self.reference)
             self.copied = self.version
         self.requests += 1
-        self.conn.send((prompts, sampling, self.seed * 1_000_003 + self.requests))
+        self.conn.send((prompts, sampling, self.seed * 1_000_003 + self.requests, self.score_in_worker))
         self.pending = (prompts, sampling, self.copied)
+        self.submitted_at = time.perf_counter()
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> Generations:
         if self.pending is None or self.pending[:2] != (prompt_token_ids, sampling):
@@ -96,13 +106,28 @@ class BackgroundEngine:
 
     def _receive(self) -> Generations:
         self.pending = None
+        waiting = time.perf_counter()
         while not self.conn.poll(1.0):
             if not self.worker.is_alive():
                 raise RuntimeError(f"the rollout worker process died (exit code {self.worker.exitcode})")
         out = self.conn.recv()
         if isinstance(out, Exception):
             raise out
-        return out
+        gens, sample_s, reference_s = out
+        self._place_reference(waiting - self.submitted_at, sample_s, reference_s)
+        return gens
+
+    def _place_reference(self, trainer_s: float, sample_s: float, reference_s: float) -> None:
+        """Score the reference in the worker or leave it to the trainer, whichever makes the slower side faster."""
+        if self.frozen is None:
+            return
+        t = self.timing
+        t["sample"], t["trainer"] = sample_s, trainer_s - (0.0 if self.score_in_worker else t["reference"])
+        if self.score_in_worker:
+            t["reference"] = reference_s
+        in_worker = max(t["trainer"], t["sample"] + t["reference"])
+        in_trainer = max(t["trainer"] + t["reference"], t["sample"])
+        self.score_in_worker = in_worker <= in_trainer
 
     def sync_weights(self, model) -> None:
         """Sample from ``model``'s weights from the next submit on (copied then, while the worker is idle)."""
