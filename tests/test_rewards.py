@@ -290,3 +290,15 @@ def test_score_batch_limits_each_response_not_the_batch():
 
     results = score_batch(slow, ["Answer: 1"] * 30, ["1"] * 30, timeout_s=0.2)
     assert [r["score"] for r in results] == [1.0] * 30
+
+
+def test_score_batch_with_graders_that_set_their_own_timer():
+    """A grader with its own inner timeout (as compute_score_math_verify) under the batch's timer: when the
+    batch's deadline comes first, that is the batch's timeout (the response is graded again alone), not a
+    failure of the grader's inner call."""
+    def nested(response, ground_truth):
+        inner = call_with_timeout(lambda: (time.sleep(0.12), compute_score(response, ground_truth))[1], 0.4)
+        return inner
+
+    results = score_batch(nested, ["Answer: 2"] * 8, ["2"] * 8, timeout_s=0.5)
+    assert [r["score"] for r in results] == [1.0] * 8, [r.get("error") for r in results]

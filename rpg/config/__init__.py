@@ -235,10 +235,10 @@ def validate(cfg) -> None:
     if e.ranks_per_node is not None and (e.ranks_per_node < 1 or (e.num_gpus and e.ranks_per_node != e.num_gpus)):
         raise ConfigError(f"engine.ranks_per_node={e.ranks_per_node}: use one rank per GPU (engine.num_gpus="
                           f"{e.num_gpus}), or null")
-    if r.overlap and (e.rollout != "lean" or e.backend != "local"):
-        raise ConfigError(f"rollout.overlap=true samples in a second process with the lean sampler: it needs "
-                          f"engine.rollout=lean and engine.backend=local (now {e.rollout} and {e.backend}); or set "
-                          "rollout.overlap=false")
+    if r.overlap and (e.rollout != "lean" or e.backend != "local" or e.device != "cpu"):
+        raise ConfigError(f"rollout.overlap=true samples in a second CPU process with the lean sampler: it needs "
+                          f"engine.rollout=lean, engine.backend=local and engine.device=cpu (now {e.rollout}, "
+                          f"{e.backend}, {e.device}); or set rollout.overlap=false")
     if r.tis_cap is not None:
         if e.rollout != "vllm" or r.tis_cap <= 0:
             raise ConfigError(f"rollout.tis_cap={r.tis_cap} corrects vLLM's sampling mismatch: use it with "

@@ -10,13 +10,14 @@ def _import_generation_without_sklearn() -> None:
 
     When scikit-learn is installed (mlflow requires it), transformers' candidate_generator imports
     sklearn.metrics for assisted decoding, which rpg never uses; that pulls in scikit-learn, scipy and pandas:
-    0.8 s and ~100 MB in every training process (measured on the CPU default).  Only that import is told
-    scikit-learn is absent; anything imported later sees it as usual.
+    0.8 s and ~100 MB in every training process (measured on the CPU default).  Only that module is told
+    scikit-learn is absent (it keeps that answer: assisted decoding's confidence threshold is unavailable in
+    the process); everything else, ``import sklearn`` included, sees it as usual.
     """
-    if "transformers.generation.candidate_generator" in sys.modules:
-        return
     import transformers.utils as utils
 
+    if "transformers.generation.candidate_generator" in sys.modules or not hasattr(utils, "is_sklearn_available"):
+        return
     available = utils.is_sklearn_available
     utils.is_sklearn_available = lambda: False
     try:

@@ -39,7 +39,11 @@ class _Deadline(BaseException):
 
 
 def _call_with_timer(fn: Callable, timeout_s: float, args: tuple, kwargs: dict) -> Any:
-    """Main thread: interrupt ``fn`` with an interval timer; an enclosing timer is kept and re-armed."""
+    """Main thread: interrupt ``fn`` with an interval timer; an enclosing timer is kept and re-armed.
+
+    When the enclosing timer has less time left than ``timeout_s``, it is its deadline that runs out: its own
+    handler is then called (the enclosing call times out), not a RewardTimeout of this one.
+    """
     deadline = _Deadline()
 
     def on_alarm(signum, frame):
@@ -48,22 +52,27 @@ def _call_with_timer(fn: Callable, timeout_s: float, args: tuple, kwargs: dict) 
     started = time.monotonic()
     previous_handler = signal.signal(signal.SIGALRM, on_alarm)
     outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, 0)
-    budget = min(timeout_s, outer_delay) if outer_delay > 0 else timeout_s
+    capped = 0 < outer_delay <= timeout_s and callable(previous_handler)
+    outer_expired = False
     try:
         try:
-            signal.setitimer(signal.ITIMER_REAL, budget)
+            signal.setitimer(signal.ITIMER_REAL, outer_delay if capped else timeout_s)
             return fn(*args, **kwargs)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
     except _Deadline as exc:
         if exc is not deadline:
             raise
-        raise RewardTimeout(f"reward function did not finish within {timeout_s:g} s") from None
+        if not capped:
+            raise RewardTimeout(f"reward function did not finish within {timeout_s:g} s") from None
+        outer_expired = True
     finally:
         signal.signal(signal.SIGALRM, previous_handler)
-        if outer_delay > 0:  # give the enclosing timer what is left of its time (it fires at once if none)
+        if outer_delay > 0 and not outer_expired:  # give the enclosing timer what is left of its time
             left = outer_delay - (time.monotonic() - started)
             signal.setitimer(signal.ITIMER_REAL, max(left, 1e-4), outer_interval)
+    previous_handler(signal.SIGALRM, None)  # the enclosing deadline has passed: deliver it now
+    raise AssertionError("the enclosing SIGALRM handler returned")  # pragma: no cover
 
 
 def _call_in_thread(fn: Callable, timeout_s: float, args: tuple, kwargs: dict) -> Any:
@@ -158,12 +167,17 @@ def score_batch(
     if len(responses) != len(ground_truths):
         raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths; give one per response")
     fn = get_reward_fn(name_or_fn) if isinstance(name_or_fn, str) else name_or_fn
+    if timeout_s is None or threading.current_thread() is not threading.main_thread():
+        # no timer to share: off the main thread each call runs in a worker thread of its own
+        return [score_safely(fn, r, gt, timeout_s) for r, gt in zip(responses, ground_truths)]
     results: list[dict] = []
     while len(results) < len(responses):
         try:
             call_with_timeout(_grade_into, timeout_s, results, fn, responses, ground_truths)
         except RewardTimeout:
             i = len(results)
+            if i == len(responses):  # the timer fired after the last response was graded
+                break
             results.append(score_safely(fn, responses[i], ground_truths[i], timeout_s))
     return results
 

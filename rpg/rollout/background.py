@@ -29,11 +29,13 @@ def _serve(conn: multiprocessing.connection.Connection, model, tokenizer, thread
            score) -> None:
     """The worker: generate each (prompts, sampling, seed) request it receives (and score the responses
     under the frozen reference, if it has one); None stops it."""
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or 1)  # the trainer's process has the other core
     engine = LeanEngine(model, tokenizer)
     while True:
-        request = conn.recv()
+        try:
+            request = conn.recv()
+        except EOFError:  # the trainer is gone
+            return
         if request is None:
             return
         prompts, sampling, seed, score_reference = request
@@ -53,26 +55,19 @@ def _serve(conn: multiprocessing.connection.Connection, model, tokenizer, thread
 class BackgroundEngine:
     """A rollout engine whose sampling runs in a worker process, one request in flight at a time."""
 
-    def __init__(self, model, tokenizer, seed: int = 0, threads: int | None = 1, reference=None, score=None):
+    def __init__(self, model, tokenizer, threads: int | None = 1, reference=None, score=None):
         """``reference``: a frozen model whose log-probs of each batch, ``score(reference, gens)``, the worker
         computes after sampling (``Generations.ref_logp``), off the trainer's time."""
         check_supported(model)
-        self.source, self.seed, self.requests = model, seed, 0
+        self.source = model
         self.version = 0  # sync_weights calls so far; the worker's copy holds the weights of `copied`
         self.copied = -1
         self.shared = copy.deepcopy(model).eval().share_memory()
-        # fork: the worker starts at once, with nothing to re-import (spawn would re-run the caller's script);
-        # the weights it samples with are the shared-memory copy, so later copies into it reach the worker
-        ctx = mp.get_context("fork")
-        self.conn, child = ctx.Pipe()
         # the reference's copy is filled at the first submit, after a resume has loaded its weights
         self.reference = reference
-        frozen = None if reference is None else copy.deepcopy(reference).eval().share_memory()
-        self.frozen = frozen
-        self.worker = ctx.Process(target=_serve, args=(child, self.shared, tokenizer, threads, frozen, score),
-                                  daemon=True, name="rpg-rollout-worker")
-        self.worker.start()
-        child.close()
+        self.frozen = None if reference is None else copy.deepcopy(reference).eval().share_memory()
+        self.tokenizer, self.threads, self.score = tokenizer, threads, score
+        self.worker = None  # started by the first submit, inside the loop's try (so close() always runs)
         self.pending: tuple | None = None  # (prompts, sampling, version the worker samples with)
         # where the reference is scored: the worker's time (sampling + reference) against the trainer's
         # between a submit and the next receive decides, per request (the numbers are the same either way)
@@ -80,17 +75,30 @@ class BackgroundEngine:
         self.score_in_worker = reference is not None
         self.submitted_at = 0.0
 
+    def _start(self) -> None:
+        # fork: the worker starts at once, with nothing to re-import (spawn would re-run the caller's script);
+        # the weights it samples with are the shared-memory copy, so later copies into it reach the worker
+        ctx = mp.get_context("fork")
+        self.conn, child = ctx.Pipe()
+        self.worker = ctx.Process(target=_serve, args=(child, self.shared, self.tokenizer, self.threads, self.frozen,
+                                                        self.score), daemon=True, name="rpg-rollout-worker")
+        self.worker.start()
+        child.close()
+
     def submit(self, prompts: list[list[int]], sampling: SamplingParams) -> None:
         """Start sampling ``prompts`` from the weights of the last sync; the next matching generate returns it."""
         if self.pending is not None:
             raise RuntimeError("a rollout request is already in flight: generate() it first")
+        if self.worker is None:
+            self._start()
         if self.copied != self.version:  # the worker is idle: refresh its copy
             copy_weights(self.shared, self.source)
             if self.copied < 0 and self.frozen is not None:
                 copy_weights(self.frozen, self.reference)
             self.copied = self.version
-        self.requests += 1
-        self.conn.send((prompts, sampling, self.seed * 1_000_003 + self.requests, self.score_in_worker))
+        # each request's seed comes from the trainer's random stream, which its checkpoints keep
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        self.conn.send((prompts, sampling, seed, self.score_in_worker))
         self.pending = (prompts, sampling, self.copied)
         self.submitted_at = time.perf_counter()
 
@@ -138,6 +146,8 @@ class BackgroundEngine:
         pass
 
     def close(self) -> None:
+        if self.worker is None:
+            return
         if self.worker.is_alive():
             try:
                 self.conn.send(None)

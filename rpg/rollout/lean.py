@@ -34,6 +34,10 @@ def check_supported(model) -> None:
         layer = body.layers[0]
         missing = [n for n in _LAYER_PARTS if not hasattr(layer, n)]
         missing += [f"self_attn.{n}" for n in _ATTN_PARTS if not missing and not hasattr(layer.self_attn, n)]
+    config = getattr(model, "config", None)
+    if getattr(config, "use_sliding_window", False) or getattr(config, "num_experts", 0) or \
+            getattr(config, "num_local_experts", 0):
+        missing.append("full attention and dense MLPs (it has sliding-window attention or experts)")
     if missing:
         raise ValueError(f"engine.rollout=lean supports Llama/Qwen2/Qwen3-style models; "
                          f"{type(model).__name__} lacks {missing}: use engine.rollout=hf")

@@ -186,7 +186,7 @@ def build_train_engine(cfg, model, tokenizer, engine, ref_model, backend):
     from rpg.rollout.background import BackgroundEngine
 
     frozen = ref_model if cfg.algo.ref_update == "never" else None
-    return BackgroundEngine(model, tokenizer, seed=cfg.seed, threads=cfg.engine.torch_threads, reference=frozen,
+    return BackgroundEngine(model, tokenizer, threads=cfg.engine.torch_threads, reference=frozen,
                             score=functools.partial(score_reference, cfg=cfg, backend=backend))
 
 

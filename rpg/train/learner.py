@@ -101,9 +101,9 @@ class Learner:
             metrics["ref/kl_avg"] = self.reference.kl_avg
         if self.reference.model is None:  # ref = old: rho = 1, never clamped
             metrics.pop("is/frac_rho_clamped", None)
-        if gens.policy_lag:
+        if cfg.rollout.overlap:  # 0 at the first step and right after a resume, 1 after
             metrics["rollout/policy_lag"] = float(gens.policy_lag)
-        elif gens.sampler_logp is not None:  # how far the sampler's numbers are from the trainer's
+        if not gens.policy_lag and gens.sampler_logp is not None:  # how far the sampler's numbers are from the trainer's
             metrics.update(mismatch_metrics(gens.sampler_logp, old_logp, mask))
         if tis is not None:
             metrics.update({"rollout/tis_weight_mean": (tis * mask).sum().item() / tokens,
