@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("mlflow", "sklearn", "scipy.stats", "pandas", "submitit", "vllm")
+HEAVY = ("mlflow", "sklearn", "scipy.stats", "pandas", "pyarrow", "submitit", "vllm")
 
 
 def test_the_trainer_imports_no_engine_it_does_not_use():

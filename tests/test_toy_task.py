@@ -20,6 +20,7 @@ from rpg.data.toy_task import (
     split_pairs,
     toy_problems,
     toy_sft_pairs,
+    toy_records,
     write_parquet,
 )
 from rpg.models.warmstart import WarmStartConfig, greedy_accuracy, kernel_tag, load_meta, warm_start
@@ -93,6 +94,16 @@ def test_parquet_has_the_verl_schema(tmp_path):
     assert list(row["prompt"]) == [{"role": "user", "content": prompt}]
     assert row["reward_model"] == {"ground_truth": truth, "style": "rule"}
     assert row["extra_info"] == {"index": 3, "raw_problem": prompt.strip(), "split": "test"}
+
+
+def test_the_in_memory_toy_set_is_its_parquet_export(tmp_path):
+    """Runs build the toy prompts from toy_records directly (no parquet): the same PromptSet as reading the
+    exported file back."""
+    from rpg.data import load_prompt_set, prompt_set_from_records
+
+    for split in ("train", "test"):
+        path = write_parquet(tmp_path / f"{split}.parquet", split)
+        assert prompt_set_from_records(toy_records(split), "toy") == load_prompt_set(path, name="toy")
 
 
 TINY_SFT = dict(sft_steps=4, batch=8, warmup_steps=1, target_fit=0.0, eval_problems=16, n_test=50)

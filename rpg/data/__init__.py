@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 PROMPT_PREFIX = (
@@ -125,6 +123,8 @@ def load_prompt_set(path: str | Path, name: str | None = None, max_rows: int | N
     ``name`` defaults to the file stem. The raw problem is ``extra_info.raw_problem`` when present,
     else the question recovered from the last prompt message.
     """
+    import pyarrow.parquet as pq  # here: a run on in-memory prompts (the toy task) never imports pyarrow
+
     resolved = resolve_path(path)
     # one file, read on this thread: pq.read_table goes through pyarrow's dataset layer and thread pool,
     # 40 MB more peak memory for the toy set (measured), and nothing faster at these sizes
@@ -139,18 +139,31 @@ def load_prompt_set(path: str | Path, name: str | None = None, max_rows: int | N
     if table.num_rows == 0:
         raise ValueError(f"{resolved}: the prompt set is empty (0 rows); point the data path at a non-empty file")
     columns = table.select([c for c in (*REQUIRED_COLUMNS, "extra_info") if c in table.column_names]).to_pydict()
+    return prompt_set_from_columns(columns, table.num_rows, name or resolved.stem, resolved)
 
+
+def prompt_set_from_records(records: Sequence[dict], name: str) -> PromptSet:
+    """A ``PromptSet`` from rows in the parquet schema held in memory (the toy task's)."""
+    if not records:
+        raise ValueError(f"{name}: the prompt set is empty (0 rows)")
+    keys = [c for c in (*REQUIRED_COLUMNS, "extra_info") if c in records[0]]
+    return prompt_set_from_columns({k: [r.get(k) for r in records] for k in keys}, len(records), name, name)
+
+
+def prompt_set_from_columns(columns: dict[str, list], num_rows: int, name: str, origin) -> PromptSet:
+    """Parse verl-schema columns (as ``to_pydict`` gives them) into a ``PromptSet``; ``origin`` (a path or a
+    name) heads its error messages."""
     messages, raw_problems, ground_truths, data_sources = [], [], [], []
-    extra_infos = columns.get("extra_info", [None] * table.num_rows)
-    for row in range(table.num_rows):
-        chat = _messages(columns["prompt"][row], row, resolved)
+    extra_infos = columns.get("extra_info", [None] * num_rows)
+    for row in range(num_rows):
+        chat = _messages(columns["prompt"][row], row, origin)
         reward_model = columns["reward_model"][row] or {}
         truth = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
         if truth is None:
-            raise ValueError(f"{resolved}: row {row} has no reward_model.ground_truth; {SCHEMA_HELP}")
+            raise ValueError(f"{origin}: row {row} has no reward_model.ground_truth; {SCHEMA_HELP}")
         source = columns["data_source"][row]
         if source is None:
-            raise ValueError(f"{resolved}: row {row} has no data_source; {SCHEMA_HELP}")
+            raise ValueError(f"{origin}: row {row} has no data_source; {SCHEMA_HELP}")
         extra = extra_infos[row] if isinstance(extra_infos[row], dict) else {}
         raw = extra.get("raw_problem") or question_from_prompt(chat[-1]["content"])
         messages.append(chat)
@@ -161,7 +174,7 @@ def load_prompt_set(path: str | Path, name: str | None = None, max_rows: int | N
     ids: dict[str, int] = {}
     problem_ids = [ids.setdefault(raw, len(ids)) for raw in raw_problems]
     return PromptSet(
-        name=name or resolved.stem,
+        name=name,
         messages=messages,
         raw_problems=raw_problems,
         ground_truths=ground_truths,

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from rpg.config import ConfigError
-from rpg.data import PROJECT_ROOT, PromptSet, load_prompt_set
+from rpg.data import PROJECT_ROOT, PromptSet, load_prompt_set, prompt_set_from_records
 from rpg.models import DTYPES
 from rpg.rollout import make_engine
 from rpg.rollout.sharded import ShardedEngine
@@ -107,25 +107,24 @@ def build_data(cfg) -> tuple[PromptSet, list[EvalSet]]:
     from rpg.data import dedupe_problems
 
     d = cfg.data
-    train_path = d.train_path
-    toy_paths = {}
-    if d.kind == "toy":
-        from rpg.data.toy_task import write_parquet
 
-        root = cache_dir(cfg) / "toy" / f"seed{d.toy_seed}"
-        for split in ("train", "test"):
-            target = root / f"{split}.parquet"
-            toy_paths[split] = target if target.is_file() else write_parquet(target, split, seed=d.toy_seed)
-        train_path = train_path or str(toy_paths["train"])
-    if not train_path:
+    def toy(split: str, name: str) -> PromptSet:  # built in memory, the same rows as its parquet export
+        from rpg.data.toy_task import toy_records
+
+        return prompt_set_from_records(toy_records(split, seed=d.toy_seed), name)
+
+    if d.train_path:
+        train = load_prompt_set(d.train_path, name=d.name)
+    elif d.kind == "toy":
+        train = toy("train", d.name)
+    else:
         raise ValueError(f"data {d.name}: set data.train_path=/path/to/train.parquet (verl schema)")
-    train = load_prompt_set(train_path, name=d.name)
     evals = []
     for e in d.eval_sets:
-        path = toy_paths.get(e.path.removeprefix("toy:")) if e.path.startswith("toy:") else e.path
-        if path is None:
+        if e.path.startswith("toy:") and d.kind != "toy":
             raise ValueError(f"eval set {e.name}: path {e.path!r} needs data.kind=toy")
-        problems = dedupe_problems(load_prompt_set(path, name=e.name))
+        loaded = toy(e.path.removeprefix("toy:"), e.name) if e.path.startswith("toy:") else load_prompt_set(e.path, name=e.name)
+        problems = dedupe_problems(loaded)
         if e.max_problems:
             problems = problems.select(range(min(e.max_problems, len(problems))))
         evals.append(EvalSet(e.name, problems, e.k))
