@@ -149,6 +149,9 @@ class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<launch directory>/mlflow.db
     experiment: str = "rpg"
+    # log the exact full-vocabulary KL(pi_old || pi_ref) and KL(pi_ref || pi_old) per token beside the k1/k2/k3
+    # estimates at the sampled tokens (kl_exact/*): two more no-grad forwards per RL step; one process
+    exact_kl: bool = False
 
 
 @dataclass
@@ -239,6 +242,11 @@ def validate(cfg) -> None:
         raise ConfigError(f"rollout.overlap=true samples in a second CPU process with the lean sampler: it needs "
                           f"engine.rollout=lean, engine.backend=local and engine.device=cpu (now {e.rollout}, "
                           f"{e.backend}, {e.device}); or set rollout.overlap=false")
+    if cfg.tracking.exact_kl and (e.backend != "local" or a.ref_update == "every_step" or r.overlap):
+        raise ConfigError("tracking.exact_kl=true compares the sampling policy with a reference model in one process: "
+                          "it needs engine.backend=local, algo.ref_update other than every_step (whose anchor is "
+                          f"pi_old: KL 0) and rollout.overlap=false (now {e.backend}, {a.ref_update}, {r.overlap}); "
+                          "or set tracking.exact_kl=false")
     if r.tis_cap is not None:
         if e.rollout != "vllm" or r.tis_cap <= 0:
             raise ConfigError(f"rollout.tis_cap={r.tis_cap} corrects vLLM's sampling mismatch: use it with "

@@ -31,6 +31,21 @@ def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 KL_ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3}
 
 
+def exact_kl(logp_all: torch.Tensor, ref_logp_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact KLs between two next-token distributions given over the whole vocabulary.
+
+    logp_all, ref_logp_all: [..., V] log-probabilities (log-softmax) of pi_theta and pi_ref at the same
+    prefixes.  Returns (reverse, forward), each [...]:
+      reverse = KL(pi_theta || pi_ref) = sum_v pi_theta(v) (log pi_theta(v) - log pi_ref(v)),
+      forward = KL(pi_ref || pi_theta) = sum_v pi_ref(v) (log pi_ref(v) - log pi_theta(v)).
+    E_{y ~ pi_theta}[k1(y)] = E[k3(y)] = reverse at each prefix, so k(y_t) - reverse_t measures the
+    estimators' error token by token (paper Section 4; Schulman's estimators).
+    """
+    reverse = (logp_all.exp() * (logp_all - ref_logp_all)).sum(-1)
+    forward = (ref_logp_all.exp() * (ref_logp_all - logp_all)).sum(-1)
+    return reverse, forward
+
+
 # The KL parts of the fully differentiable RPG losses (docs/algorithms.md section 3a, Tables 1 and 4).
 # Arguments are per-sample quantities: w = pi_theta/pi_old (with grad), d = log pi_theta/pi_ref (with
 # grad), rho = pi_ref/pi_old (no grad), logpi = log pi_theta(x) (with grad).  Each term T satisfies

@@ -65,6 +65,32 @@ def _chunk_logp(head, states, targets, temperature, with_entropy):
         return logp, logz - (F.softmax(logits, dim=-1) * logits).sum(-1)
 
 
+@torch.no_grad()
+def response_kl(model, reference, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
+                chunk_tokens: int = 1024):
+    """Exact per-token KLs between ``model`` and ``reference`` at every response position, and both models'
+    log-probs of the response tokens: (reverse, forward, logp, ref_logp), each [B, R].
+
+    The full-vocabulary distributions (softmax of logits / temperature) are formed ``chunk_tokens``
+    positions at a time, so [B, R, V] never exists (rpg.core.divergences.exact_kl for the formulas).
+    """
+    from rpg.core.divergences import exact_kl
+
+    positions = position_ids_from_mask(attention_mask)
+    b, r = input_ids.shape[0], input_ids.shape[1] - prompt_len
+    states = [m.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+              .last_hidden_state[:, prompt_len - 1 : -1].reshape(b * r, -1) for m in (model, reference)]
+    heads = [m.get_output_embeddings() for m in (model, reference)]
+    targets = input_ids[:, prompt_len:].reshape(b * r)
+    parts = []
+    for start in range(0, b * r, chunk_tokens):
+        tgt = targets[start : start + chunk_tokens, None]
+        lp, ref = (torch.log_softmax(_at_least_float32(h(s[start : start + chunk_tokens])) / temperature, -1)
+                   for h, s in zip(heads, states))
+        parts.append((*exact_kl(lp, ref), lp.gather(-1, tgt).squeeze(-1), ref.gather(-1, tgt).squeeze(-1)))
+    return tuple(torch.cat([p[i] for p in parts]).view(b, r) for i in range(4))
+
+
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 logits are normalised in float32; float64 stays float64."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -8,9 +8,9 @@ import torch
 
 from rpg.config import loss_params
 from rpg.core.advantages import ADVANTAGES
-from rpg.core.divergences import k3
+from rpg.core.divergences import KL_ESTIMATORS, k3
 from rpg.core.losses import POLICY_LOSSES
-from rpg.models.logprobs import response_logprobs
+from rpg.models.logprobs import response_kl, response_logprobs
 from rpg.rollout.mismatch import mismatch_metrics, tis_weights
 from rpg.train.update import RolloutBatch, policy_update
 
@@ -42,6 +42,19 @@ def has_dropout(module: torch.nn.Module) -> bool:
         isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules())
 
 
+def exact_kl_metrics(reverse, forward, logp, ref_logp, mask) -> dict[str, float]:
+    """Exact token KLs (pi_old vs pi_ref, [B, R]) and each estimator's error at the sampled tokens: means
+    over the batch's tokens (``mask``) and the standard deviation of the errors."""
+    n = mask.sum()
+    mean = lambda t: ((t * mask).sum() / n).item()
+    std = lambda t: (((t - mean(t)) ** 2 * mask).sum() / n).sqrt().item()
+    out = {"kl_exact/reverse": mean(reverse), "kl_exact/forward": mean(forward)}
+    for name, estimator in KL_ESTIMATORS.items():
+        error = estimator(logp, ref_logp) - reverse  # k1 and k3: zero mean at every prefix (unbiased)
+        out[f"kl_exact/{name}_error_mean"], out[f"kl_exact/{name}_error_std"] = mean(error), std(error)
+    return out
+
+
 class Learner:
     """The policy's side of the loop: ``step(batch)`` runs one RL step and returns its metrics.
 
@@ -61,6 +74,10 @@ class Learner:
         (one more forward) for ``kl/k3_iw_after_update``."""
         cfg, gens = self.cfg, batch.gens
         mask = gens.response_mask.float()
+        exact = None
+        if cfg.tracking.exact_kl:  # before the update: the policy that sampled against the anchor
+            exact = response_kl(self.module, self.reference.model, gens.input_ids, gens.attention_mask,
+                                gens.prompt_ids.shape[1], cfg.rollout.temperature, cfg.engine.logprob_chunk)
         tis = None
         if gens.policy_lag:  # rollout.overlap: sampled by weights behind these; the sampler's log-probs are pi_old
             old_logp, entropy = gens.sampler_logp, gens.sampler_entropy
@@ -101,6 +118,8 @@ class Learner:
             metrics["ref/kl_avg"] = self.reference.kl_avg
         if self.reference.model is None:  # ref = old: rho = 1, never clamped
             metrics.pop("is/frac_rho_clamped", None)
+        if exact is not None:
+            metrics.update(exact_kl_metrics(*exact, mask))
         if cfg.rollout.overlap:  # 0 at the first step and right after a resume, 1 after
             metrics["rollout/policy_lag"] = float(gens.policy_lag)
         if not gens.policy_lag and gens.sampler_logp is not None:  # how far the sampler's numbers are from the trainer's
