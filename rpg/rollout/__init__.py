@@ -1,4 +1,5 @@
-"""Rollout engines: HF generate (any device), a lean sampler for small models (CPU) and vLLM (GPU; rpg/rollout/vllm.py is its only importer)."""
+"""Rollout engines: HF generate (any device), a lean sampler for small models (CPU) and vLLM (GPU;
+rpg/rollout/vllm.py is its only importer)."""
 
 from rpg.rollout.base import Generations, RolloutEngine, SamplingParams
 

@@ -5,15 +5,15 @@ processors, stopping criteria, cache objects, mask building).  This engine calls
 (embedding, norms, projections, rotary embedding, MLP, output head) and keeps keys and values in one
 preallocated tensor per layer, so a decode step is the arithmetic plus one attention call.
 
-Tokens are drawn from softmax(logits / T), restricted to the top-p nucleus when top_p < 1 (the smallest set of
-most likely tokens whose probability reaches top_p, as transformers' TopPLogitsWarper), by inverse CDF with torch's
-global generator (one uniform per row).  ``sampler_logp`` holds log softmax(logits / T) of each sampled token: the quantity the trainer
-scores as pi_old, so the loop can use it directly (rollout overlap) or compare it (mismatch metrics);
-``sampler_entropy`` the entropy of softmax(logits / T) at each position.
+Tokens are drawn from softmax(logits / T), restricted to the top-p nucleus when top_p < 1 (the smallest set
+of most likely tokens whose probability reaches top_p, as transformers' TopPLogitsWarper), by inverse CDF with
+torch's global generator (one uniform per row).  ``sampler_logp`` holds log softmax(logits / T) of each
+sampled token: the quantity the trainer scores as pi_old, so the loop can use it directly (rollout overlap) or
+compare it (mismatch metrics); ``sampler_entropy`` the entropy of softmax(logits / T) at each position.
 
 Supported: decoder-only models laid out as Llama/Qwen2/Qwen3 (``model.model.layers[i].self_attn.{q,k,v,o}_proj``,
 optional ``q_norm``/``k_norm``, ``mlp``, ``input_layernorm``, ``post_attention_layernorm``,
-``model.model.rotary_emb``).  Anything else is refused when the engine is built.
+``model.model.rotary_emb``), full attention, dense MLPs.  Anything else is refused when the engine is built.
 """
 
 from __future__ import annotations

@@ -123,7 +123,10 @@ def build_data(cfg) -> tuple[PromptSet, list[EvalSet]]:
     for e in d.eval_sets:
         if e.path.startswith("toy:") and d.kind != "toy":
             raise ValueError(f"eval set {e.name}: path {e.path!r} needs data.kind=toy")
-        loaded = toy(e.path.removeprefix("toy:"), e.name) if e.path.startswith("toy:") else load_prompt_set(e.path, name=e.name)
+        if e.path.startswith("toy:"):
+            loaded = toy(e.path.removeprefix("toy:"), e.name)
+        else:
+            loaded = load_prompt_set(e.path, name=e.name)
         problems = dedupe_problems(loaded)
         if e.max_problems:
             problems = problems.select(range(min(e.max_problems, len(problems))))

@@ -122,7 +122,7 @@ class Learner:
             metrics.update(exact_kl_metrics(*exact, mask))
         if cfg.rollout.overlap:  # 0 at the first step and right after a resume, 1 after
             metrics["rollout/policy_lag"] = float(gens.policy_lag)
-        if not gens.policy_lag and gens.sampler_logp is not None:  # how far the sampler's numbers are from the trainer's
+        if not gens.policy_lag and gens.sampler_logp is not None:  # the sampler's numbers against the trainer's
             metrics.update(mismatch_metrics(gens.sampler_logp, old_logp, mask))
         if tis is not None:
             metrics.update({"rollout/tis_weight_mean": (tis * mask).sum().item() / tokens,

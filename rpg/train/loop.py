@@ -22,9 +22,8 @@ from rpg.backend import make_backend
 from rpg.config import ConfigError, validate
 from rpg.config.mechanisms import inert_mechanisms
 from rpg.rewards import get_reward_fn
-from rpg.tracking.base import redact, resolve_tracking_uri
+from rpg.tracking.base import NullTracker, redact, resolve_tracking_uri
 from rpg.tracking.identity import FINAL_METRICS, Terminated, config_hash, git_state, raise_on_sigterm, resume_key, run_name
-from rpg.tracking.base import NullTracker
 from rpg.train.build import build_data, build_engine, build_optimizer, build_policy, build_train_engine, check_toy_split
 from rpg.train.evaluation import evaluate_policy, headline
 from rpg.train.learner import Learner

@@ -88,7 +88,8 @@ def sampling_params(cfg) -> SamplingParams:
 def submit_next(engine, tokenizer, train: PromptSet, sampler: PromptSampler, cfg) -> None:
     """rollout.overlap: start sampling the next batch's first round now, from the weights of the last sync."""
     prompts = train.select(sampler.draw_ahead(cfg.rollout.prompts_per_step))
-    ids, _ = encode_prompts(prompt_texts(prompts, tokenizer, cfg.data.chat_template), tokenizer, cfg.data.max_prompt_len)
+    texts = prompt_texts(prompts, tokenizer, cfg.data.chat_template)
+    ids, _ = encode_prompts(texts, tokenizer, cfg.data.max_prompt_len)
     engine.submit(ids, sampling_params(cfg))
 
 
