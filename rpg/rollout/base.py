@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -68,6 +69,48 @@ def copy_weights(own_model, model) -> None:
     own = own_model.state_dict(keep_vars=True)
     for name, t in model.state_dict().items():  # FSDP: DTensors, gathered one at a time on every rank
         own[name].copy_(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+class InProcessEngine:
+    """The engine methods of a sampler that runs ``self.model`` in this process (a full copy under FSDP)."""
+
+    model: torch.nn.Module
+
+    def sync_weights(self, model) -> None:
+        copy_weights(self.model, model)
+
+    def sleep(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """``model`` in eval mode for the block, then back to the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def prompt_rows(prompts: list[list[int]], n: int, pad_id: int):
+    """Left-padded prompt ids and mask [B = len(prompts) x n, P], sample j of prompt i at row i * n + j."""
+    ids, mask = left_pad(prompts, pad_id)
+    return ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+
+
+def decoded_responses(sequences: torch.Tensor, tokenizer):
+    """Sampled continuations [B, R] cut at the first EOS and trimmed to the longest response:
+    ids, mask, truncated and the decoded texts."""
+    resp, mask, truncated = finish_responses(sequences, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    width = max(int(mask.sum(-1).max()), 1)
+    resp, mask = resp[:, :width], mask[:, :width]
+    texts = tokenizer.batch_decode(torch.where(mask.bool(), resp, tokenizer.pad_token_id), skip_special_tokens=True)
+    return resp, mask, truncated, texts
 
 
 def finish_responses(sequences: torch.Tensor, eos_id: int, pad_id: int):

@@ -8,7 +8,7 @@ import logging
 import torch
 from transformers import GenerationConfig
 
-from rpg.rollout.base import Generations, SamplingParams, copy_weights, finish_responses, left_pad
+from rpg.rollout.base import Generations, InProcessEngine, SamplingParams, decoded_responses, eval_mode, prompt_rows
 
 log = logging.getLogger("rpg.rollout")
 #: generation_config fields that do not change which tokens are sampled
@@ -33,7 +33,7 @@ def neutral_generation_config(model) -> None:
     model.generation_config = neutral
 
 
-class HFEngine:
+class HFEngine(InProcessEngine):
     def __init__(self, model, tokenizer, batch_size: int = 512):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         neutral_generation_config(model)
@@ -41,10 +41,7 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> Generations:
         tok = self.tokenizer
-        ids, mask = left_pad(prompt_token_ids, tok.pad_token_id)
-        ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
-        was_training = self.model.training
-        self.model.eval()
+        ids, mask = prompt_rows(prompt_token_ids, sampling.n, tok.pad_token_id)
         greedy = sampling.temperature == 0
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.eos_token_id, do_sample=not greedy)
@@ -52,29 +49,14 @@ class HFEngine:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         device = next(self.model.parameters()).device
         outs = []
-        for s in range(0, ids.shape[0], self.batch_size):
-            out = self.model.generate(input_ids=ids[s:s + self.batch_size].to(device),
-                                      attention_mask=mask[s:s + self.batch_size].to(device), **kwargs)
-            cont = out[:, ids.shape[1]:].cpu()
-            pad = torch.full((cont.shape[0], sampling.max_new_tokens - cont.shape[1]), tok.pad_token_id, dtype=cont.dtype)
-            outs.append(torch.cat([cont, pad], 1))
-        self.model.train(was_training)
-        resp, resp_mask, truncated = finish_responses(torch.cat(outs), tok.eos_token_id, tok.pad_token_id)
-        resp, resp_mask = _trim(resp, resp_mask)
-        texts = tok.batch_decode(torch.where(resp_mask.bool(), resp, tok.pad_token_id), skip_special_tokens=True)
+        with eval_mode(self.model):
+            for s in range(0, ids.shape[0], self.batch_size):
+                out = self.model.generate(input_ids=ids[s:s + self.batch_size].to(device),
+                                          attention_mask=mask[s:s + self.batch_size].to(device), **kwargs)
+                cont = out[:, ids.shape[1]:].cpu()
+                pad = torch.full((cont.shape[0], sampling.max_new_tokens - cont.shape[1]), tok.pad_token_id,
+                                 dtype=cont.dtype)
+                outs.append(torch.cat([cont, pad], 1))
+        resp, resp_mask, truncated, texts = decoded_responses(torch.cat(outs), tok)
         return Generations(ids, mask, resp, resp_mask, texts, truncated)
 
-    def sync_weights(self, model) -> None:
-        copy_weights(self.model, model)
-
-    def sleep(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _trim(ids: torch.Tensor, mask: torch.Tensor):
-    """Drop trailing columns that no response uses."""
-    width = max(int(mask.sum(-1).max()), 1)
-    return ids[:, :width], mask[:, :width]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from rpg.rollout.base import Generations, SamplingParams, copy_weights, finish_responses, left_pad
+from rpg.rollout.base import Generations, InProcessEngine, SamplingParams, decoded_responses, eval_mode, prompt_rows
 
 _LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -124,7 +124,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float):
     return token, logp_all.gather(-1, token[:, None]).squeeze(-1), entropy
 
 
-class LeanEngine:
+class LeanEngine(InProcessEngine):
     def __init__(self, model, tokenizer, batch_size: int = 512):
         check_supported(model)
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -133,18 +133,13 @@ class LeanEngine:
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> Generations:
         tok = self.tokenizer
-        ids, mask = left_pad(prompt_token_ids, tok.pad_token_id)
-        ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
-        was_training = self.model.training
-        self.model.eval()
-        parts = [self._sample(ids[s:s + self.batch_size], mask[s:s + self.batch_size], sampling)
-                 for s in range(0, ids.shape[0], self.batch_size)]
-        self.model.train(was_training)
+        ids, mask = prompt_rows(prompt_token_ids, sampling.n, tok.pad_token_id)
+        with eval_mode(self.model):
+            parts = [self._sample(ids[s:s + self.batch_size], mask[s:s + self.batch_size], sampling)
+                     for s in range(0, ids.shape[0], self.batch_size)]
         seqs, logp, entropy = (torch.cat([p[i] for p in parts]) for i in range(3))
-        resp, resp_mask, truncated = finish_responses(seqs, tok.eos_token_id, tok.pad_token_id)
-        width = max(int(resp_mask.sum(-1).max()), 1)
-        resp, resp_mask = resp[:, :width], resp_mask[:, :width]
-        texts = tok.batch_decode(torch.where(resp_mask.bool(), resp, tok.pad_token_id), skip_special_tokens=True)
+        resp, resp_mask, truncated, texts = decoded_responses(seqs, tok)
+        width = resp.shape[1]
         if sampling.temperature == 0:
             return Generations(ids, mask, resp, resp_mask, texts, truncated)
         return Generations(ids, mask, resp, resp_mask, texts, truncated, logp[:, :width] * resp_mask,
@@ -183,12 +178,3 @@ class LeanEngine:
             hidden = self.decoder.forward(token[:, None], next_pos[:, None], p + t, step_allowed)[:, -1]
             next_pos = next_pos + 1
         return tokens.cpu(), logps.cpu(), entropies.cpu()
-
-    def sync_weights(self, model) -> None:
-        copy_weights(self.model, model)
-
-    def sleep(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
