@@ -126,9 +126,9 @@ def load_prompt_set(path: str | Path, name: str | None = None, max_rows: int | N
     import pyarrow.parquet as pq  # here: a run on in-memory prompts (the toy task) never imports pyarrow
 
     resolved = resolve_path(path)
-    # one file, read on this thread: pq.read_table goes through pyarrow's dataset layer and thread pool,
-    # 40 MB more peak memory for the toy set (measured), and nothing faster at these sizes
-    table = pq.ParquetFile(resolved).read(use_threads=False) if Path(resolved).is_file() else pq.read_table(resolved)
+    # one file (resolve_path checks), read on this thread: pq.read_table goes through pyarrow's dataset layer
+    # and thread pool, 40 MB more peak memory for the toy set (measured), and nothing faster at these sizes
+    table = pq.ParquetFile(resolved).read(use_threads=False)
     missing = [col for col in REQUIRED_COLUMNS if col not in table.column_names]
     if missing:
         raise ValueError(f"{resolved}: missing column(s) {missing} (found {table.column_names}); {SCHEMA_HELP}")

@@ -68,6 +68,7 @@ class Learner:
         self.loss_fn, self.advantage_fn = POLICY_LOSSES[cfg.algo.loss], ADVANTAGES[cfg.algo.advantage]
         self.params = loss_params(cfg.algo)
         self.optimizer_steps = 0
+        self.dropout = has_dropout(module)  # fixed by the architecture: checked once
 
     def step(self, batch, kl_after_update: bool = False) -> dict[str, float]:
         """One RL step on ``batch``; ``kl_after_update`` also scores the batch under the updated policy
@@ -135,7 +136,7 @@ class Learner:
         u, rows = self.cfg.ppo, gens.response_ids.shape[0]
         one_step = u.epochs == 1 and u.mini_batch_size >= rows
         tis = self.cfg.rollout.tis_cap and gens.sampler_logp is not None
-        return one_step and not tis and not has_dropout(self.module)
+        return one_step and not tis and not self.dropout
 
     def state_dict(self) -> dict:
         """The schedule state a resume needs (the weights, optimizer and reference model: rpg.backend)."""
