@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 TABLES = ("table", "paired", "status")
-SWEEP_FIGURES = ("dynamics", "passk", "ablation_clip", "ablation_kl")
+SWEEP_FIGURES = ("dynamics", "passk", "ablation_clip", "ablation_kl", "estimator_bias")
 ALL = TABLES + SWEEP_FIGURES + ("loss_shapes",)
 
 
@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--only", help=f"comma-separated subset of: {', '.join(ALL)} (default: all)")
     ap.add_argument("--benchmarks", help="comma-separated, e.g. aime24,aime25,amc23 (default: all logged)")
     ap.add_argument("--k", type=int, help="k of mean@k / pass@k (default: the largest logged for all benchmarks)")
-    ap.add_argument("--baseline", default="grpo", help="algo (or method label) of the paired comparison (default grpo)")
+    ap.add_argument("--baseline", default="grpo",
+                    help="algo (or method label) of the paired comparison, or several, comma-separated (default grpo)")
     ap.add_argument("--paper-table", type=int, choices=(3, 5, 6, 7, 8), help="show the paper's numbers of this table")
     ap.add_argument("--last-step", type=int, help="Last = value at this step (the paper: 400); Best = max up to it")
     ap.add_argument("--group-by", default="algo", help="comma-separated run columns that define a method (default algo)")
@@ -117,7 +118,7 @@ def _run(name, fig, sweep, args, out, formats, statuses, group_by, benches, tabl
 
     if name == "tables":
         return tables.write_tables(sweep, out, benches=benches, k=args.k, group_by=group_by, statuses=statuses,
-                                   last_step=args.last_step, baseline=args.baseline, paper_table=args.paper_table,
+                                   last_step=args.last_step, baseline=_csv(args.baseline), paper_table=args.paper_table,
                                    which=table_parts, where=parse_where(args.where),
                                    best_from_step=0 if args.best_includes_step0 else 1)
     fig_dir = out / "figures"

@@ -28,7 +28,7 @@ from analysis import style
 from analysis.load import Sweep
 from analysis.style import plt
 from analysis.select import select, varying_within
-from analysis.tables import choose, eval_benchmarks, eval_key, method_labels
+from analysis.tables import choose, eval_benchmarks, eval_key, method_labels, usual_value
 
 TRAIN_PANELS = [("train/score_mean", "Reward", "verifier score"),
                 ("train/entropy", "Entropy", "nats / token"),
@@ -183,7 +183,7 @@ def _about(sweep: Sweep, what: str, statuses) -> str:
 def dynamics(sweep: Sweep, benches=None, k=None, group_by=("algo",), statuses=("FINISHED",), smooth=None, size=None,
             where=None):
     runs, left = _included(sweep, statuses, "dynamics", where, group_by)
-    groups, styles = _method_groups(runs, group_by)
+    groups, styles = _method_groups(_usual_settings(runs), group_by)
     panels = _eval_panels(sweep, benches, k, "mean") + TRAIN_PANELS
     return grid(sweep, panels, groups, styles, left, size, smooth, _about(sweep, "training dynamics", statuses))
 
@@ -191,16 +191,20 @@ def dynamics(sweep: Sweep, benches=None, k=None, group_by=("algo",), statuses=("
 def passk(sweep: Sweep, benches=None, k=None, group_by=("algo",), statuses=("FINISHED",), smooth=None, size=None,
             where=None):
     runs, left = _included(sweep, statuses, "passk", where, group_by)
-    groups, styles = _method_groups(runs, group_by)
+    groups, styles = _method_groups(_usual_settings(runs), group_by)
     panels = _eval_panels(sweep, benches, k, "pass")
     return grid(sweep, panels, groups, styles, left, size, smooth, _about(sweep, "pass@k", statuses))
 
 
 def ablation(sweep: Sweep, columns: tuple[str, ...], names: tuple[str, ...], what: str, benches=None, k=None,
-             statuses=("FINISHED",), smooth=None, size=None, where=None):
-    """Runs of algorithms that were run with more than one setting of ``columns``; one line per setting
-    (and per any other ``algo.*`` setting that varies: lines never average unlike runs)."""
+             statuses=("FINISHED",), smooth=None, size=None, where=None, optional: tuple[str, ...] = ()):
+    """Runs of algorithms that were run with more than one setting of ``columns``; one line per setting.
+    Of an algorithm's runs that also vary in other ``algo.*`` settings (another ablation in the same sweep)
+    only those at each such setting's most common value are drawn, e.g. the clip ablation keeps the runs
+    at the usual beta and reference; lines never average unlike runs."""
     runs, left = _included(sweep, statuses, f"{what} ablation", where)
+    names = tuple(n for c, n in zip(columns, names) if c in runs or c not in optional)
+    columns = tuple(c for c in columns if c in runs or c not in optional)
     missing = [c for c in ("algo", *columns) if c not in runs]
     if missing:
         raise ValueError(f"{what} ablation needs run columns {missing} (params/tags); none logged in {sweep.experiment!r}")
@@ -211,6 +215,8 @@ def ablation(sweep: Sweep, columns: tuple[str, ...], names: tuple[str, ...], wha
         raise ValueError(f"no algorithm in {sweep.experiment!r} was run with more than one ({', '.join(columns)}); "
                          f"nothing to compare for the {what} ablation")
     runs = runs[keep]
+    runs = pd.concat([_at_usual_values(g, [c for c in varying_within(g) if c not in columns])
+                      for _, g in runs.groupby("algo")])
     others = [c for c in dict.fromkeys(c for _, g in runs.groupby("algo") for c in varying_within(g)) if c not in columns]
     label = runs["algo"].astype(str).map(style.label) + "  " + runs[[*columns, *others]].apply(
         lambda r: ", ".join(f"{n}={v:g}" if isinstance(v, (int, float)) else f"{n}={v}"
@@ -222,13 +228,54 @@ def ablation(sweep: Sweep, columns: tuple[str, ...], names: tuple[str, ...], wha
     return grid(sweep, panels, groups, styles, left, size, smooth, _about(sweep, f"{what} ablation", statuses))
 
 
+def _usual_settings(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each algorithm's runs at its usual ``algo.*`` settings: an ablation's variants in the same sweep are
+    drawn by the ablation figures, not among the algorithms."""
+    if "algo" not in runs:
+        return runs
+    return pd.concat([_at_usual_values(g, varying_within(g)) for _, g in runs.groupby("algo", sort=False)])
+
+
+def _at_usual_values(runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The runs whose value of each of ``columns`` is that column's most common one (all, where no single
+    value is the most common)."""
+    for c in columns:
+        usual = usual_value(runs[c])
+        runs = runs if usual is None else runs[runs[c].astype(str) == usual]
+    return runs
+
+
 def clip_ablation(sweep: Sweep, **kw):
-    return ablation(sweep, ("algo.clip_low", "algo.clip_high"), ("clip_low", "clip_high"), "clip-ratio", **kw)
+    return ablation(sweep, ("algo.clip_low", "algo.clip_high", "algo.dual_clip_c"), ("clip_low", "clip_high", "dual_c"),
+                    "clip-ratio", optional=("algo.dual_clip_c",), **kw)
 
 
 def kl_ablation(sweep: Sweep, **kw):
     return ablation(sweep, ("algo.kl_coef", "algo.ref_update"), ("kl_coef", "ref_update"), "KL coefficient / reference",
                     **kw)
+
+
+ESTIMATORS = ("k1", "k2", "k3")
+EXACT_PANELS = ([("kl_exact/reverse", "Exact KL(old || ref)", "nats / token"),
+                 ("kl_exact/forward", "Exact KL(ref || old)", "nats / token")]
+                + [(f"kl_exact/{e}_error_mean", f"{e} minus exact: mean", "nats / token") for e in ESTIMATORS]
+                + [(f"kl_exact/{e}_error_std", f"{e} minus exact: std", "nats / token") for e in ESTIMATORS])
+
+
+def estimator_bias(sweep: Sweep, statuses=("FINISHED",), smooth=None, size=None, where=None, **_):
+    """The exact token KLs between the sampling policy and the reference (full vocabulary, on the
+    sampled prefixes) and each estimator's error at the sampled tokens, mean and std per RL step, for
+    the runs that logged them (``tracking.exact_kl=true``). k1 and k3 are unbiased, so their mean error
+    is sampling noise around 0; k2's is its bias."""
+    runs, left = _included(sweep, statuses, "estimator bias", where)
+    logged = set(sweep.history("kl_exact/reverse")["run_id"].astype(str))
+    groups, styles = _method_groups(runs)  # named among all runs: the variant that logged says which it is
+    groups = {g: ids for g, ids in groups.items() if set(ids) & logged}
+    if not groups:
+        raise ValueError(f"no run of {sweep.experiment!r} logged kl_exact/*: run with tracking.exact_kl=true "
+                         "(a reference model other than every_step, one process)")
+    return grid(sweep, EXACT_PANELS, groups, styles, left, size, smooth,
+                _about(sweep, "exact KL and estimator errors", statuses))
 
 
 # ----------------------------------------------------------------------------- Figures 2 and 3
@@ -309,7 +356,8 @@ def save(fig, out_dir: Path, name: str, formats=("png", "pdf")) -> list[Path]:
     return paths
 
 
-FIGURES = {"dynamics": dynamics, "passk": passk, "ablation_clip": clip_ablation, "ablation_kl": kl_ablation}
+FIGURES = {"dynamics": dynamics, "passk": passk, "ablation_clip": clip_ablation, "ablation_kl": kl_ablation,
+           "estimator_bias": estimator_bias}
 
 
 def available_evals(sweep: Sweep) -> dict[str, dict[str, list[int]]]:

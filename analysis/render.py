@@ -96,7 +96,10 @@ def render_paired(diff: pd.DataFrame, fmt: str, digits: int = 4) -> str:
         if c["n_pairs"] < 2:
             return f"{c['mean_diff']:+.{digits}f} (n=1: too few seeds)"
         ci = f" [{c['ci_low']:+.{digits}f}, {c['ci_high']:+.{digits}f}]"
-        return f"{c['mean_diff']:+.{digits}f}{ci} p={c['p_signflip']:.2g} (n={int(c['n_pairs'])})"
+        sign = (f"median {c['median_diff']:+.{digits}f} [{c['sign_low']:+.{digits}f}, {c['sign_high']:+.{digits}f}]"
+                f" ({100 * c['sign_coverage']:.4g}%)")
+        return (f"{c['mean_diff']:+.{digits}f}{ci} p={c['p_signflip']:.2g}; {sign}: {c['verdict']} "
+                f"(n={int(c['n_pairs'])})").replace("%", r"\%" if fmt == "tex" else "%")
 
     rows = [[m if fmt == "md" else tex_escape(m)] + [cell(cells.loc[(m, b, x)]) if (m, b, x) in cells.index else pm
                                                       for b in benches for x in METRICS] for m in methods]

@@ -72,7 +72,10 @@ def method_labels(runs: pd.DataFrame, group_by: tuple[str, ...] = ("algo",)) -> 
     """A method name per run: the algorithm's paper label, plus 'name=value' for the other group columns.
 
     When ``algo`` is a group column, runs of one algorithm that differ in an ``algo.*`` param (an ablation
-    in the same sweep) are split by those params, never averaged together (analysis.select.varying_within).
+    in the same sweep) are split by those params, never averaged together (analysis.select.varying_within),
+    and named by where they differ from that param's most common value among the algorithm's runs (the
+    ablation's usual setting keeps the plain name; with no single most common value every run shows it):
+    e.g. ``RPG-REINFORCE-URKL [kl_coef=0]``.
     """
     for col in group_by:
         if col not in runs:
@@ -86,10 +89,19 @@ def method_labels(runs: pd.DataFrame, group_by: tuple[str, ...] = ("algo",)) -> 
     if "algo" in group_by and "algo" in runs:
         for _, idx in runs.groupby(runs["algo"].astype(str)).groups.items():
             varied = [c for c in varying_within(runs.loc[idx]) if c not in group_by]
+            usual = {c: usual_value(runs.loc[idx, c]) for c in varied}
             for i in idx:
-                extra[i] += [f"{c.split('.', 1)[1]}={fmt(runs.at[i, c])}" for c in varied]
+                extra[i] += [f"{c.split('.', 1)[1]}={fmt(runs.at[i, c])}" for c in varied
+                             if str(runs.at[i, c]) != usual[c]]
     return pd.Series([n + (f" [{', '.join(extra[i])}]" if extra[i] else "") for i, n in zip(runs.index, names)],
                      index=runs.index)
+
+
+def usual_value(values: pd.Series) -> str | None:
+    """The most common value (as text) of ``values``; None if several are equally common (no usual one)."""
+    counts = values.astype(str).value_counts()
+    top = counts[counts == counts.max()]
+    return top.index[0] if len(top) == 1 else None
 
 
 def run_scores(sweep: Sweep, runs: pd.DataFrame, benches: list[str], k: int, stat: str = "mean",
@@ -153,13 +165,21 @@ def paper_values(table: int, path: Path = PAPER_CSV) -> pd.DataFrame:
     return sel
 
 
+SIGN_MIN_COVERAGE = 0.9  # a sign interval counts as evidence from n = 5 (93.75%); n = 4 gives 87.5%
+
+
 def paired_stats(d: np.ndarray, ci: float = 0.95) -> dict:
-    """Mean of paired differences ``d`` (one per seed) with a t-interval (df = n - 1; exact when the
-    differences are normal, and honest about width at n = 2-5) and the exact two-sided sign-flip p-value
-    (no assumption beyond symmetry under no effect; with n pairs it cannot go below 2^(1-n))."""
+    """Paired differences ``d`` (one per seed): their mean with a t-interval (df = n - 1; exact when the
+    differences are normal), the exact two-sided sign-flip p-value (no assumption beyond symmetry under no
+    effect; with n pairs it cannot go below 2^(1-n)), and the sign test's interval for the median
+    difference (:func:`sign_interval`: no assumption at all). ``verdict``: ``holds`` where the sign
+    interval covers at least SIGN_MIN_COVERAGE (n >= 5) and excludes 0 (at n = 5: all five seeds on one
+    side), ``t only`` where only the t-interval excludes 0, else ``not shown``."""
     n = len(d)
     out = {"mean_diff": float(d.mean()) if n else np.nan, "ci_low": np.nan, "ci_high": np.nan,
-           "p_signflip": np.nan, "min_p": 2.0 ** (1 - n) if n else np.nan, "n_pairs": n}
+           "p_signflip": np.nan, "min_p": 2.0 ** (1 - n) if n else np.nan, "median_diff": np.nan,
+           "sign_low": np.nan, "sign_high": np.nan, "sign_coverage": np.nan, "verdict": "too few seeds",
+           "n_pairs": n}
     if n < 2:
         return out
     half = stats.t.ppf((1 + ci) / 2, n - 1) * d.std(ddof=1) / np.sqrt(n)
@@ -170,7 +190,25 @@ def paired_stats(d: np.ndarray, ci: float = 0.95) -> dict:
         signs = np.random.default_rng(0).choice([-1, 1], size=(200_000, n))
     flipped = np.abs((signs * d).mean(axis=1))
     out["p_signflip"] = float(np.mean(flipped >= abs(out["mean_diff"]) - 1e-12))
+    out["median_diff"] = float(np.median(d))
+    out["sign_low"], out["sign_high"], out["sign_coverage"] = sign_interval(d, ci)
+    excludes = lambda lo, hi: lo > 0 or hi < 0  # noqa: E731
+    out["verdict"] = ("holds" if out["sign_coverage"] >= SIGN_MIN_COVERAGE and excludes(out["sign_low"], out["sign_high"])
+                      else "t only" if excludes(out["ci_low"], out["ci_high"]) else "not shown")
     return out
+
+
+def sign_interval(d: np.ndarray, ci: float = 0.95) -> tuple[float, float, float]:
+    """The sign test's interval for the median of ``d``: [d_(k), d_(n+1-k)] of the sorted values, whose
+    coverage 1 - 2 P(Binomial(n, 1/2) < k) holds for any continuous distribution. ``k`` is the largest with
+    coverage >= ``ci``, else 1 (the range of ``d``). Returns (low, high, coverage): at n = 5 the range,
+    93.75%; at n = 10, the 2nd to 9th values, 97.9%."""
+    n, s = len(d), np.sort(d)
+    coverage = lambda k: 1 - 2 * stats.binom.cdf(k - 1, n, 0.5)  # noqa: E731
+    k = 1
+    while k + 1 <= n // 2 and coverage(k + 1) >= ci:
+        k += 1
+    return float(s[k - 1]), float(s[n - k]), float(coverage(k))
 
 
 def paired(scores: pd.DataFrame, baseline: str, ci: float = 0.95) -> pd.DataFrame:
@@ -194,7 +232,8 @@ def paired(scores: pd.DataFrame, baseline: str, ci: float = 0.95) -> pd.DataFram
         rows.append({"method": method, "baseline": base_label, "benchmark": bench, "metric": metric,
                      **paired_stats(d, ci), "seeds": " ".join(str(s[2]) for s in common)})
     out = pd.DataFrame(rows, columns=["method", "baseline", "benchmark", "metric", "mean_diff", "ci_low",
-                                      "ci_high", "p_signflip", "min_p", "n_pairs", "seeds"])
+                                      "ci_high", "p_signflip", "min_p", "median_diff", "sign_low", "sign_high",
+                                      "sign_coverage", "verdict", "n_pairs", "seeds"])
     order = {m: i for i, m in enumerate(_method_order(scores))}
     return out.sort_values("method", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
 
@@ -209,10 +248,12 @@ def status_table(sweep: Sweep, selection: Selection) -> pd.DataFrame:
 
 
 def write_tables(sweep: Sweep, out: Path, benches=None, k=None, stat="mean", group_by=("algo",),
-                 statuses=("FINISHED",), last_step=None, baseline: str | None = "grpo", paper_table: int | None = None,
+                 statuses=("FINISHED",), last_step=None, baseline: str | list[str] | None = "grpo",
+                 paper_table: int | None = None,
                  which=("table", "paired", "status"), where: dict | None = None,
                  best_from_step: int = 1) -> list[Path]:
-    """Write tables/{last_best,paired_vs_<baseline>,status}.{md,csv,tex} under ``out``; returns the paths.
+    """Write tables/{last_best,paired_vs_<baseline>,status}.{md,csv,tex} under ``out`` (one paired file per
+    baseline: a name or a list of names); returns the paths.
 
     Runs are chosen by :func:`analysis.select.select`: settings that vary across them (other than the
     method's own) split them into one table per combination of values, each headed by its values."""
@@ -242,8 +283,9 @@ def write_tables(sweep: Sweep, out: Path, benches=None, k=None, stat="mean", gro
             f"{r.run_name} ({r.counted[4:]})" for r in left.itertuples()), stacklevel=2)
     warn = f"\n\n**Warning:** {len(left)} run(s) not averaged; see status.md." if len(left) else ""
     groups = selection.groups()
-    parts = {"md": [], "tex": [], "pmd": [], "ptex": []}
-    csv_rows, diff_rows = [], []
+    baselines = [baseline] if isinstance(baseline, str) else list(baseline or []) if "paired" in which else []
+    parts = {"md": [], "tex": []} | {(b, f): [] for b in baselines for f in ("md", "tex")}
+    csv_rows, diff_rows = [], {b: [] for b in baselines}
     for values, runs in groups:
         head = f"## {describe(values)}\n\n" if values else ""
         scores = run_scores(sweep, runs, benches, k, stat, group_by, last_step, best_from_step)
@@ -262,37 +304,42 @@ def write_tables(sweep: Sweep, out: Path, benches=None, k=None, stat="mean", gro
                 "UNEVEN", rf"\textbf{{{UNEVEN}}}").replace("±", "$\\pm$")
             parts["tex"].append(render_last_best(summary, "tex", paper=paper, caption=tex_escape(describe(values))
                                                  + (": " if values else "") + tex_caption))
-        if "paired" in which and baseline:
+        for base in baselines:
             try:
-                diff = paired(scores, baseline)
+                diff = paired(scores, base)
             except ValueError as e:
                 if len(groups) == 1:
                     raise
-                parts["pmd"].append(f"{head}{e}\n")
+                parts[base, "md"].append(f"{head}{e}\n")
                 continue
-            diff_rows.append(diff.assign(**{key: v for key, v in values.items()}))
-            parts["pmd"].append(head + render_paired(diff, "md"))
-            parts["ptex"].append(render_paired(diff, "tex"))
+            diff_rows[base].append(diff.assign(**{key: v for key, v in values.items()}))
+            parts[base, "md"].append(head + render_paired(diff, "md"))
+            parts[base, "tex"].append(render_paired(diff, "tex"))
     if "table" in which:
         pd.concat(csv_rows, ignore_index=True).to_csv(out / "last_best.csv", index=False)
         written.append(out / "last_best.csv")
         put("last_best.md", scope + warn + "\n\n" + "\n".join(parts["md"]))
         put("last_best.tex", "\n".join(parts["tex"]))
-    if "paired" in which and baseline:
-        name = f"paired_vs_{re.sub(r'[^A-Za-z0-9_.-]+', '_', baseline)}"
-        if diff_rows:
-            pd.concat(diff_rows, ignore_index=True).to_csv(out / f"{name}.csv", index=False)
+    for base in baselines:
+        name = f"paired_vs_{re.sub(r'[^A-Za-z0-9_.-]+', '_', base)}"
+        if diff_rows[base]:
+            pd.concat(diff_rows[base], ignore_index=True).to_csv(out / f"{name}.csv", index=False)
             written.append(out / f"{name}.csv")
-        head = (f"{stat}@{k}, each method minus {baseline}, matched by seed: mean difference [95% t-interval, "
-                "df = n - 1] and p, the exact two-sided sign-flip test's p-value (its smallest possible value "
-                "with n pairs is 2^(1-n): 0.5 at n = 2, 0.25 at n = 3, 0.0625 at n = 5, so no difference can "
-                f"reach p < 0.05 with fewer than 6 seeds); n = seed pairs.{warn}\n\n")
-        put(f"{name}.md", scope + "\n\n" + head + "\n".join(parts["pmd"]))
-        put(f"{name}.tex", "\n".join(parts["ptex"]))
+        put(f"{name}.md", scope + "\n\n" + PAIRED_HEAD.format(metric=f"{stat}@{k}", base=base) + warn + "\n\n"
+            + "\n".join(parts[base, "md"]))
+        put(f"{name}.tex", "\n".join(parts[base, "tex"]))
     return written
 
 
 UNEVEN = "Runs of a method end at different steps"
+PAIRED_HEAD = (
+    "{metric}, each method minus {base}, matched by seed (n = seed pairs): the mean difference [95% t-interval, "
+    "df = n - 1, exact if the differences are normal] and p, the exact two-sided sign-flip test's p-value (its "
+    "smallest possible value with n pairs is 2^(1-n): 0.25 at n = 3, 0.0625 at n = 5, so no difference reaches "
+    "p < 0.05 with fewer than 6 seeds); then the median difference [the sign test's interval, valid for any "
+    "distribution; its coverage in parentheses: at n = 5 the range of the 5 differences, 93.75%] and the "
+    "verdict: **holds** = the sign interval excludes 0 and covers >= 90% (n >= 5; at n = 5: every seed on the same "
+    "side), **t only** = only the t-interval excludes 0 (it leans on normality), **not shown** = neither.")
 
 
 def _scope(selection: Selection) -> str:

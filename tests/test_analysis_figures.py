@@ -22,7 +22,8 @@ from analysis.figures import curves, loss_curve
 from analysis.load import load_sweep
 from analysis.style import plt
 
-FIGS = ["dynamics", "passk", "ablation_clip", "ablation_kl", "loss_shape_fully_differentiable", "loss_shape_reinforce"]
+FIGS = ["dynamics", "passk", "ablation_clip", "ablation_kl", "estimator_bias", "loss_shape_fully_differentiable",
+        "loss_shape_reinforce"]
 
 
 def value(key: str, step: int, seed: int, skill: float) -> float:
@@ -44,6 +45,8 @@ def sweep_uri(tmp_path_factory):
             ms = [Metric(k, value(k, s, seed, skill), s, s) for k in keys for s in range(31)]
             ms += [Metric(f"eval/{b}/{stat}_at_8", value(b + stat, s, seed, skill), s, s)
                    for b in ("aime24", "aime25", "amc23") for stat in ("mean", "pass") for s in range(0, 31, 10)]
+            if algo == "rpg_rf_ufkl" and ref == "never":  # the frozen-reference variant logs the exact KLs
+                ms += [Metric(k, value(k, s, seed, skill), s, s) for k, _, _ in figures.EXACT_PANELS for s in range(1, 31)]
             params = {"algo.clip_low": lo, "algo.clip_high": hi, "algo.kl_coef": kl, "algo.ref_update": ref}
             client.log_batch(run, metrics=ms, params=[Param(k, str(v)) for k, v in params.items()])
             client.set_terminated(run, "FINISHED")
@@ -53,7 +56,8 @@ def sweep_uri(tmp_path_factory):
 @pytest.mark.slow  # ~25 s of CPU: six figures, PNG and PDF each
 def test_every_figure_renders(sweep_uri, tmp_path):
     assert main(["--experiment", "figs", "--tracking-uri", sweep_uri, "--out", str(tmp_path), "--no-cache",
-                 "--only", ",".join(["dynamics", "passk", "ablation_clip", "ablation_kl", "loss_shapes"]),
+                 "--only", ",".join(["dynamics", "passk", "ablation_clip", "ablation_kl", "estimator_bias",
+                                     "loss_shapes"]),
                  "--smooth", "0.5"]) == 0
     for name in FIGS:
         png, pdf = tmp_path / "figures" / f"{name}.png", tmp_path / "figures" / f"{name}.pdf"
@@ -160,6 +164,7 @@ def rendered(figs, mixed):
            "dynamics_one_bench": (figures.dynamics(figs, benches=["aime24"]), 6.9, 4),
            "passk_one_bench": (figures.passk(figs, benches=["aime24"]), 3.3, 1), "passk": (figures.passk(figs), 6.9, 3),
            "ablation_clip": (figures.clip_ablation(figs), 6.9, 6), "ablation_kl": (figures.kl_ablation(figs), 6.9, 6),
+           "estimator_bias": (figures.estimator_bias(figs), 6.9, 8),
            "mixed": (mix, 6.9, 5), "long_label": (long, 3.3, 2)}
     for name, fig in figures.loss_shapes().items():
         out[name] = (fig, 6.9, 4)
@@ -219,13 +224,16 @@ def test_text_is_mathtext_never_a_literal_identifier(rendered):
             assert "_" not in plain and not greek.search(plain), (name, t.get_text())
             assert "critic" not in plain.lower(), (name, t.get_text())
     wanted = {"ablation_clip": [r"$\epsilon_{\mathrm{low}}$=0.1", r"$\epsilon_{\mathrm{high}}$=0.28"],
-              "ablation_kl": [r"$\beta$=0.001"], "dynamics": [r"$\epsilon_{\mathrm{low}}$=0.1"],
+              "ablation_kl": [r"$\beta$=0.001"], "estimator_bias": ["ref=never"],
               "loss_shape_reinforce": [r"\pi_\theta(x)", r"$1-\epsilon_{\mathrm{low}}$",
                                        r"$1+\epsilon_{\mathrm{high}}$"]}
     for name, maths in wanted.items():
         shown = " ".join(t.get_text() for t in texts(rendered[name][0]))
         assert all(m in shown for m in maths), (name, maths)
     assert panel(rendered["dynamics"][0], "Reward").get_ylabel() == "verifier score"
+    # the algorithms' figure draws each at its usual settings; the variants are the ablation figures'
+    legend = " ".join(t.get_text() for t in rendered["dynamics"][0].legends[0].get_texts())
+    assert "RPG-REINFORCE-UFKL" in legend and "epsilon" not in legend and "beta" not in legend, legend
 
 
 def test_long_legend_labels_never_widen_the_figure(rendered, tmp_path):

@@ -34,12 +34,13 @@ from omegaconf import OmegaConf
 from submitit.helpers import Checkpointable
 
 import rpg.config  # noqa: F401  (registers the resolvers the launcher configs use)
-from rpg.tracking.identity import PROJECT_ROOT
+from rpg.tracking.identity import LOCK_FILE, PROJECT_ROOT
 
 LAUNCHER_DIR = PROJECT_ROOT / "conf" / "hydra" / "launcher"
 PROFILE_DIR = PROJECT_ROOT / "conf" / "cluster"
 KINDS = ("slurm", "local")
 JOBS_FILE = "jobs.jsonl"  # in each run's out_dir: one line per submission and per job start
+RUN_LOG = "run.log"  # a run's output when the sweep runs several at a time here
 FAILURE_FILE = "traceback.txt"  # in a failed run's out_dir: the traceback of its last failure
 _RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")  # "pkg.SomeError: msg" in a trace
 
@@ -214,18 +215,76 @@ def submit_array(kind: str, params: dict[str, Any], configs: list[dict]) -> list
     return jobs
 
 
-def run_inline(configs: list[dict]) -> list[str | None]:
-    """Run each config in this process, one after another; the error of each (None if it finished)."""
+def run_inline(configs: list[dict], parallel: int = 1) -> list[str | None]:
+    """Run each config on this machine; the error of each (None if it finished).
+
+    ``parallel=1``: one after another in this process. More: that many at a time, each in a fresh
+    process whose output goes to ``<out_dir>/run.log``, with one line here per run that ends."""
+    if parallel > 1:
+        return _run_in_processes(configs, parallel)
     errors = []
     for config in configs:
-        append_record(config["out_dir"], event="submitted", launcher="inline", job_id="inline")
-        try:
-            TrainJob()(config)
-            errors.append(None)
-        except Exception as exc:  # noqa: BLE001 - one failed run does not stop the sweep
-            log.error("run %s failed: %s", config["out_dir"], exc)
-            errors.append(f"{type(exc).__name__}: {exc}")
+        errors.append(_run_recorded(config))
     return errors
+
+
+def _run_recorded(config: dict) -> str | None:
+    append_record(config["out_dir"], event="submitted", launcher="inline", job_id="inline")
+    try:
+        TrainJob()(config)
+        return None
+    except Exception as exc:  # noqa: BLE001 - one failed run does not stop the sweep
+        log.error("run %s failed: %s", config["out_dir"], exc)
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _run_logged(config: dict) -> str | None:
+    """In a worker process: the run, its stdout and stderr appended to ``<out_dir>/run.log``."""
+    path = Path(config["out_dir"]) / RUN_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        return _run_recorded(config)
+
+
+def _run_in_processes(configs: list[dict], parallel: int) -> list[str | None]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    n, t0, errors = len(configs), time.perf_counter(), [None] * len(configs)
+    print(f"running {n} runs here, {parallel} at a time; each run's output goes to <its out_dir>/{RUN_LOG}",
+          flush=True)
+    pool = ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1)
+    with pool:
+        futures = {pool.submit(_run_logged, c): i for i, c in enumerate(configs)}
+        for done, fut in enumerate(as_completed(futures), 1):
+            i = futures[fut]
+            try:
+                errors[i] = fut.result()
+            except Exception as exc:  # noqa: BLE001 - the worker itself died (e.g. killed)
+                errors[i] = f"{type(exc).__name__}: {exc}"
+            elapsed = time.perf_counter() - t0
+            print(f"[{done}/{n}] {Path(configs[i]['out_dir']).name}: {errors[i] or 'finished'} "
+                  f"({elapsed / 60:.1f} min, about {elapsed / done * (n - done) / 60:.1f} min to go)", flush=True)
+    return errors
+
+
+def abandoned(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds a run that started here and whose process is gone: its folder lock (held
+    by the trainer while it runs, released by the kernel even on SIGKILL) is free."""
+    import fcntl
+
+    path = Path(out_dir) / LOCK_FILE
+    if not path.is_file():
+        return False
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return True
 
 
 def wait(jobs: list[submitit.Job]) -> list[str | None]:

@@ -10,8 +10,9 @@ its varied keys (``algo=grpo,seed=2``): the grid keys, or an explicit run's own 
 ``<runs root>/<sweep>/<run name>``. Trailing KEY=VALUE overrides apply to every run.
 
 A run is identified by its config hash (``rpg.tracking.identity.config_hash``, tag ``config_hash``): FINISHED or
-RUNNING in MLflow -> skipped; FAILED or KILLED -> resubmitted into its out_dir (it resumes from its
-checkpoint into the same MLflow run); absent -> submitted. A run whose last submitted job is still in the
+RUNNING in MLflow -> skipped, unless its folder lock is free (its process was SIGKILLed) -> stale, resubmitted;
+FAILED or KILLED -> resubmitted into its out_dir (it resumes from its checkpoint into the same MLflow run);
+absent -> submitted. A run whose last submitted job is still in the
 scheduler's queue is ``queued`` and skipped.
 """
 
@@ -33,7 +34,7 @@ from omegaconf import OmegaConf
 
 from rpg.tracking.identity import PROJECT_ROOT, config_hash, format_value, settings_name
 
-SWEEP_KEYS = ("name", "model", "data", "engine", "fixed", "grid", "runs", "launcher", "profile")
+SWEEP_KEYS = ("name", "model", "data", "engine", "fixed", "grid", "runs", "launcher", "profile", "parallel")
 LAUNCHERS = ("slurm", "local", "inline")
 #: MLflow status -> (state, action)
 STATES = {"FINISHED": ("finished", "skip"), "RUNNING": ("running", "skip"), "SCHEDULED": ("running", "skip"),
@@ -55,6 +56,7 @@ class Sweep:
     launcher: str = "slurm"
     profile: str | None = None
     command: str = ""  # the launch command from the file's first comment line
+    parallel: int = 1  # inline launcher: runs at a time, each in its own process
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,10 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         raise SweepError(f"{path}: launcher {launcher!r}; use one of {LAUNCHERS}")
     first = text.lstrip().splitlines()[0] if text.strip() else ""
     command = first.lstrip("# ").strip() if first.startswith("#") else ""
-    return Sweep(str(raw["name"]), path, base, grid, runs, launcher, raw.get("profile"), command)
+    parallel = raw.get("parallel", 1)
+    if not isinstance(parallel, int) or parallel < 1:
+        raise SweepError(f"{path}: parallel={parallel!r}; set it to the number of runs at a time (>= 1)")
+    return Sweep(str(raw["name"]), path, base, grid, runs, launcher, raw.get("profile"), command, parallel)
 
 
 def expand(sweep: Sweep) -> list[Run]:
@@ -237,6 +242,8 @@ def plan(sweep: Sweep, extra: list[str] = (), runs_root=None, check_queue: bool 
     for c in composed:
         info, config = newest.get(c.config_hash), c.config
         state, action = STATES.get(info.status if info else None, ("running", "skip"))
+        if state == "running" and launch.abandoned(info.tags.get("out_dir") or config["out_dir"]):
+            state, action = "stale", "resubmit"  # its process was killed (SIGKILL, a lost node): resume it
         if implicit:  # the job's working folder may differ: pin the store the lookup used
             config["tracking"]["uri"] = uri
         if action == "resubmit" and info.tags.get("out_dir") and Path(info.tags["out_dir"]).is_dir():
@@ -290,16 +297,17 @@ def result(p: Planned) -> str:
                      for eval_set, keys in headline(final).items()) or "-"
 
 
-def submit(plans: list[Planned], launcher: str, profile: str | None, runs_root, sweep: Sweep, dry_run=False):
+def submit(plans: list[Planned], launcher: str, profile: str | None, runs_root, sweep: Sweep, dry_run=False,
+           parallel: int = 1):
     """Submit the plans whose action is not skip: one job array per distinct resource set."""
     from rpg.launch import submit as launch
 
     todo = [p for p in plans if p.action != "skip"]
     if launcher == "inline":
         if dry_run:
-            print(f"would run {len(todo)} runs here, one after another")
+            print(f"would run {len(todo)} runs here, {parallel} at a time")
             return []
-        return launch.run_inline([p.config for p in todo])
+        return launch.run_inline([p.config for p in todo], parallel)
     folder = str(Path(runs_root or default_runs_root()).resolve() / sweep.name / ".submitit" / "%j")
     groups: dict[str, tuple[dict, list[Planned]]] = {}
     for p in todo:
@@ -335,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--dry-run", action="store_true",
                       help="--status plus each run's memory estimate and what would be submitted")
     p.add_argument("--wait", action="store_true", help="block until the submitted runs end")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="inline launcher: runs at a time, each in its own process (default: the file's, else 1)")
     p.add_argument("--runs-root", default=None, help=f"default $RPG_RUNS_DIR or {default_runs_root()}")
     args = p.parse_intermixed_args(argv)
     try:
@@ -361,7 +371,11 @@ def main(argv: list[str] | None = None) -> int:
             from rpg.launch.plan import sweep_estimates
 
             sweep_estimates([(pl.run.name, pl.config) for pl in plans])
-        jobs = submit(plans, launcher, profile, args.runs_root, sweep, dry_run=args.dry_run)
+        parallel = args.parallel or (sweep.parallel if launcher == "inline" else 1)
+        if parallel < 1 or (parallel > 1 and launcher != "inline"):
+            raise SweepError(f"--parallel {parallel}: runs at a time (>= 1) with --launcher inline; SLURM and local "
+                             "jobs are placed by their launcher")
+        jobs = submit(plans, launcher, profile, args.runs_root, sweep, dry_run=args.dry_run, parallel=parallel)
         waits = args.wait or launcher == "inline"  # inline runs have ended when submit returns
         if args.dry_run or not waits or not any(pl.action != "skip" for pl in plans):
             return 0

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from rpg.data import PROJECT_ROOT
 #: what a finished run writes into its output folder (its last metrics; read back by whoever started its ranks)
 FINAL_METRICS = "final_metrics.json"
+LOCK_FILE = ".lock"  # in a run folder: held (flock) by the process that trains it
 #: Keys that do not change what a run computes; left out of the config hash.
 NON_SEMANTIC_KEYS = ("tracking", "resume", "out_dir", "sweep", "cache_dir", "dry_run", "name")
 

@@ -23,7 +23,8 @@ from rpg.config import ConfigError, validate
 from rpg.config.mechanisms import inert_mechanisms
 from rpg.rewards import get_reward_fn
 from rpg.tracking.base import NullTracker, redact, resolve_tracking_uri
-from rpg.tracking.identity import FINAL_METRICS, Terminated, config_hash, git_state, raise_on_sigterm, resume_key, run_name
+from rpg.tracking.identity import (FINAL_METRICS, LOCK_FILE, Terminated, config_hash, git_state, raise_on_sigterm,
+                                   resume_key, run_name)
 from rpg.train.build import build_data, build_engine, build_optimizer, build_policy, build_train_engine, check_toy_split
 from rpg.train.evaluation import evaluate_policy, headline
 from rpg.train.learner import Learner
@@ -93,7 +94,7 @@ def holding(out_dir: Path, hold: bool = True):
     if not hold:
         yield
         return
-    with open(out_dir / ".lock", "a+") as f:
+    with open(out_dir / LOCK_FILE, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
