@@ -127,6 +127,15 @@ runs:
         sweep.load_sweep(write(tmp_path / "u.yaml", good.read_text() + "gird: {}\n"))
     with pytest.raises(sweep.SweepError, match="sweep is set by"):
         sweep.compose_runs(sweep.load_sweep(good), runs, ["sweep=other"], tmp_path)
+    with pytest.raises(sweep.SweepError, match="parallel=0; set it to the number of runs at a time"):
+        sweep.load_sweep(write(tmp_path / "p.yaml", good.read_text() + "parallel: 0\n"))
+    assert sweep.load_sweep(write(tmp_path / "p2.yaml", good.read_text() + "parallel: 2\n")).parallel == 2
+
+
+def test_parallel_is_refused_where_a_launcher_places_the_jobs(tmp_path, capsys):
+    path = write(tmp_path / "q.yaml", SMALL.format(path="q.yaml", name="q"))
+    assert sweep.main([str(path), "--launcher", "local", "--parallel", "2", "--runs-root", str(tmp_path)]) == 2
+    assert "--parallel 2: runs at a time (>= 1) with --launcher inline" in capsys.readouterr().err
 
 
 SMALL = """# python -m rpg.sweep {path}

@@ -361,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         if launcher == "slurm" and not (args.status or shutil.which("sbatch")):
             raise SweepError("sbatch not found: run this on a SLURM login node (or export SLURM_CONF for the "
                              "local test cluster), or use --launcher local / inline")
+        parallel = args.parallel or (sweep.parallel if launcher == "inline" else 1)
+        if parallel < 1 or (parallel > 1 and launcher != "inline"):
+            raise SweepError(f"--parallel {parallel}: runs at a time (>= 1) with --launcher inline; SLURM and local "
+                             "jobs are placed by their launcher")
         plans, uri, experiment = plan(sweep, args.overrides, args.runs_root, check=not args.status)
         t_plan = time.perf_counter() - t0
         print(f"sweep {sweep.name} ({sweep.path}): experiment {experiment!r} at {uri}; planned in {t_plan:.2f} s")
@@ -371,10 +375,6 @@ def main(argv: list[str] | None = None) -> int:
             from rpg.launch.plan import sweep_estimates
 
             sweep_estimates([(pl.run.name, pl.config) for pl in plans])
-        parallel = args.parallel or (sweep.parallel if launcher == "inline" else 1)
-        if parallel < 1 or (parallel > 1 and launcher != "inline"):
-            raise SweepError(f"--parallel {parallel}: runs at a time (>= 1) with --launcher inline; SLURM and local "
-                             "jobs are placed by their launcher")
         jobs = submit(plans, launcher, profile, args.runs_root, sweep, dry_run=args.dry_run, parallel=parallel)
         waits = args.wait or launcher == "inline"  # inline runs have ended when submit returns
         if args.dry_run or not waits or not any(pl.action != "skip" for pl in plans):
