@@ -211,6 +211,10 @@ def sign_interval(d: np.ndarray, ci: float = 0.95) -> tuple[float, float, float]
     return float(s[k - 1]), float(s[n - k]), float(coverage(k))
 
 
+PAIRED_COLUMNS = ["method", "baseline", "benchmark", "metric", "mean_diff", "ci_low", "ci_high", "p_signflip", "min_p",
+                  "median_diff", "sign_low", "sign_high", "sign_coverage", "verdict", "n_pairs", "seeds"]
+
+
 def paired(scores: pd.DataFrame, baseline: str, ci: float = 0.95) -> pd.DataFrame:
     """Each method minus the baseline, matched by seed: :func:`paired_stats` per (method, benchmark, metric).
 
@@ -231,9 +235,7 @@ def paired(scores: pd.DataFrame, baseline: str, ci: float = 0.95) -> pd.DataFram
         d = (keyed.loc[common] - base.loc[common]).to_numpy()
         rows.append({"method": method, "baseline": base_label, "benchmark": bench, "metric": metric,
                      **paired_stats(d, ci), "seeds": " ".join(str(s[2]) for s in common)})
-    out = pd.DataFrame(rows, columns=["method", "baseline", "benchmark", "metric", "mean_diff", "ci_low",
-                                      "ci_high", "p_signflip", "min_p", "median_diff", "sign_low", "sign_high",
-                                      "sign_coverage", "verdict", "n_pairs", "seeds"])
+    out = pd.DataFrame(rows, columns=PAIRED_COLUMNS)
     order = {m: i for i, m in enumerate(_method_order(scores))}
     return out.sort_values("method", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
 
@@ -328,7 +330,38 @@ def write_tables(sweep: Sweep, out: Path, benches=None, k=None, stat="mean", gro
         put(f"{name}.md", scope + "\n\n" + PAIRED_HEAD.format(metric=f"{stat}@{k}", base=base) + warn + "\n\n"
             + "\n".join(parts[base, "md"]))
         put(f"{name}.tex", "\n".join(parts[base, "tex"]))
+    if any(diff_rows.values()):
+        put("verdicts.md", verdicts(pd.concat([d for rows in diff_rows.values() for d in rows], ignore_index=True),
+                                    f"{stat}@{k}"))
     return written
+
+
+VERDICT_TEXT = {"holds": "**holds** (the sign test's interval excludes 0)",
+                "t only": "**t only** (only the t-interval excludes 0)", "not shown": "**not shown**",
+                "too few seeds": "**too few seeds**"}
+
+
+def verdicts(diff: pd.DataFrame, metric: str) -> str:
+    """The paired comparisons as sentences: per baseline, benchmark and Last/Best, which methods are above
+    or below it by each verdict, with the median difference and its interval."""
+    lines = [f"# Paired comparisons: what holds ({metric})", ""]
+    split = [c for c in diff.columns if c not in PAIRED_COLUMNS]
+    for keys, grp in diff.groupby(["baseline", *split, "benchmark", "metric"], sort=False):
+        base, *values, bench, what = keys
+        where = "".join(f", {c}={v}" for c, v in zip(split, values))
+        lines.append(f"Against **{base}**, {style.bench_label(bench)} {what.capitalize()}{where}, "
+                     f"n = {'/'.join(map(str, sorted(grp['n_pairs'].unique())))} seed pairs:")
+        for verdict, text in VERDICT_TEXT.items():
+            rows = grp[grp["verdict"] == verdict]
+            if rows.empty:
+                continue
+            items = "; ".join(f"{r.method} {'above' if r.median_diff > 0 else 'below' if r.median_diff < 0 else 'level'}"
+                              f" (median {r.median_diff:+.3f} [{r.sign_low:+.3f}, {r.sign_high:+.3f}],"
+                              f" mean {r.mean_diff:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}])"
+                              for r in rows.itertuples())
+            lines.append(f"- {text}: {items}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 UNEVEN = "Runs of a method end at different steps"

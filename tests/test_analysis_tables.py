@@ -168,3 +168,23 @@ def test_paired_stats_by_hand():
     assert five["p_signflip"] == pytest.approx(2 / 32)
     mixed = paired_stats(np.array([0.3, 0.1, 0.2, -0.05, 0.4]))  # |sum| >= 0.95 also with -0.05 flipped
     assert mixed["p_signflip"] == pytest.approx(4 / 32)
+
+
+def test_sign_interval_and_verdicts_by_hand():
+    from analysis.tables import paired_stats, sign_interval, verdicts
+
+    five = paired_stats(np.array([0.3, 0.1, 0.2, 0.05, 0.4]))  # every seed above: the range, 1 - 2/32
+    assert (five["sign_low"], five["sign_high"], five["sign_coverage"]) == (0.05, 0.4, pytest.approx(0.9375))
+    assert five["median_diff"] == 0.2 and five["verdict"] == "holds"
+    mixed = paired_stats(np.array([0.3, 0.2, 0.25, -0.02, 0.35]))  # one seed below: the range holds 0
+    assert mixed["verdict"] == "t only" and mixed["ci_low"] > 0 and mixed["sign_low"] == -0.02
+    four = paired_stats(np.array([0.3, 0.2, 0.25, 0.22]))  # all above, but 4 seeds cover only 87.5%
+    assert four["sign_coverage"] == pytest.approx(0.875) and four["verdict"] == "t only"
+    assert paired_stats(np.array([0.3, -0.1, 0.2, -0.2, 0.1]))["verdict"] == "not shown"
+    d = np.arange(1.0, 11.0)  # n = 10: the 2nd to 9th values, 1 - 2 * 11/1024
+    assert sign_interval(d) == (2.0, 9.0, pytest.approx(1 - 22 / 1024))
+    rows = [{"method": m, "baseline": "GRPO", "benchmark": "toy", "metric": "last", "seeds": "1 2 3 4 5",
+             **paired_stats(np.array(v))} for m, v in (("A", [0.3, 0.1, 0.2, 0.05, 0.4]), ("B", [-0.1, 0.1, 0, 0, 0.05]))]
+    text = verdicts(pd.DataFrame(rows), "mean@4")
+    assert "- **holds** (the sign test's interval excludes 0): A above (median +0.200 [+0.050, +0.400]" in text
+    assert "- **not shown**: B above (median +0.000" not in text and "B level" in text
