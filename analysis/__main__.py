@@ -5,7 +5,7 @@
     python -m analysis --only loss_shapes --out analysis/out/          # needs no sweep
 
 Outputs (stable names) under --out: tables/{last_best,paired_vs_<baseline>}.{md,csv,tex},
-tables/status.{md,csv}, figures/<name>.{png,pdf}; the metric cache under <out>/.cache/.
+tables/verdicts.md, tables/status.{md,csv}, figures/<name>.{png,pdf}; the metric cache under <out>/.cache/.
 """
 
 from __future__ import annotations

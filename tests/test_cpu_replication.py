@@ -147,7 +147,7 @@ def test_a_shortened_replication_resumes_after_sigkill_and_the_analysis_draws_ev
                                "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert analysis.returncode == 0, analysis.stderr[-3000:]
     assert "skipped" not in analysis.stdout, analysis.stdout
-    for name in ("last_best.md", "last_best.csv", "paired_vs_grpo.md", "paired_vs_dapo.md", "status.md"):
+    for name in ("last_best.md", "last_best.csv", "paired_vs_grpo.md", "paired_vs_dapo.md", "verdicts.md", "status.md"):
         assert (out / "tables" / name).is_file(), name
     for name in ("dynamics", "ablation_clip", "ablation_kl", "estimator_bias"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 20_000, name
