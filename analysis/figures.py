@@ -184,7 +184,15 @@ def dynamics(sweep: Sweep, benches=None, k=None, group_by=("algo",), statuses=("
             where=None):
     runs, left = _included(sweep, statuses, "dynamics", where, group_by)
     groups, styles = _method_groups(_usual_settings(runs), group_by)
-    panels = _eval_panels(sweep, benches, k, "mean") + TRAIN_PANELS
+    panels = _eval_panels(sweep, benches, k, "mean")
+    if benches is None and len(panels) < 3:  # one or two benchmarks: fill the row with the first one's other stats
+        first = choose(sweep, None, k)[0][0]
+        extra = [(f"eval/{first}/greedy_acc", f"{style.bench_label(first)} greedy accuracy", "accuracy")]
+        if first in eval_benchmarks(sweep, "pass"):
+            kp = max(eval_benchmarks(sweep, "pass")[first])
+            extra.insert(0, (eval_key(sweep, first, "pass", kp), f"{style.bench_label(first)} pass@{kp}", "accuracy"))
+        panels += [p for p in extra if p[0] in sweep.keys()][:3 - len(panels)]
+    panels += TRAIN_PANELS
     return grid(sweep, panels, groups, styles, left, size, smooth, _about(sweep, "training dynamics", statuses))
 
 
@@ -239,10 +247,11 @@ def _usual_settings(runs: pd.DataFrame) -> pd.DataFrame:
 def _at_usual_values(runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """The runs whose value of each of ``columns`` is that column's most common one (all, where no single
     value is the most common)."""
-    for c in columns:
+    keep = pd.Series(True, index=runs.index)
+    for c in columns:  # each column's usual value among all the runs, not among those left by another
         usual = usual_value(runs[c])
-        runs = runs if usual is None else runs[runs[c].astype(str) == usual]
-    return runs
+        keep &= True if usual is None else runs[c].astype(str) == usual
+    return runs[keep]
 
 
 def clip_ablation(sweep: Sweep, **kw):
