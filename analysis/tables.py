@@ -285,7 +285,7 @@ def write_tables(sweep: Sweep, out: Path, benches=None, k=None, stat="mean", gro
             f"{r.run_name} ({r.counted[4:]})" for r in left.itertuples()), stacklevel=2)
     warn = f"\n\n**Warning:** {len(left)} run(s) not averaged; see status.md." if len(left) else ""
     groups = selection.groups()
-    baselines = [baseline] if isinstance(baseline, str) else list(baseline or []) if "paired" in which else []
+    baselines = ([baseline] if isinstance(baseline, str) else list(baseline or [])) if "paired" in which else []
     parts = {"md": [], "tex": []} | {(b, f): [] for b in baselines for f in ("md", "tex")}
     csv_rows, diff_rows = [], {b: [] for b in baselines}
     for values, runs in groups:
@@ -344,11 +344,17 @@ VERDICT_TEXT = {"holds": "**holds** (the sign test's interval excludes 0)",
 def verdicts(diff: pd.DataFrame, metric: str) -> str:
     """The paired comparisons as sentences: per baseline, benchmark and Last/Best, which methods are above
     or below it by each verdict, with the median difference and its interval."""
-    lines = [f"# Paired comparisons: what holds ({metric})", ""]
+    eligible = diff[diff["sign_coverage"] >= SIGN_MIN_COVERAGE]
+    chance = float((1 - eligible["sign_coverage"]).sum())
+    lines = [f"# Paired comparisons: what holds ({metric})", "",
+             f"{int((diff['verdict'] == 'holds').sum())} of {len(diff)} comparisons hold. Chance alone makes a "
+             "comparison hold with probability 1 - coverage (at n = 5: all five seed pairs on one side, 1 in 16), so "
+             f"with no real difference anywhere about {chance:.1f} of these {len(eligible)} would hold; each one "
+             "below is one test, not corrected for the others.", ""]
     split = [c for c in diff.columns if c not in PAIRED_COLUMNS]
-    for keys, grp in diff.groupby(["baseline", *split, "benchmark", "metric"], sort=False):
+    for keys, grp in diff.groupby(["baseline", *split, "benchmark", "metric"], sort=False, dropna=False):
         base, *values, bench, what = keys
-        where = "".join(f", {c}={v}" for c, v in zip(split, values))
+        where = "".join(f", {c}={fmt(v)}" for c, v in zip(split, values))
         lines.append(f"Against **{base}**, {style.bench_label(bench)} {what.capitalize()}{where}, "
                      f"n = {'/'.join(map(str, sorted(grp['n_pairs'].unique())))} seed pairs:")
         for verdict, text in VERDICT_TEXT.items():
@@ -372,7 +378,8 @@ PAIRED_HEAD = (
     "p < 0.05 with fewer than 6 seeds); then the median difference [the sign test's interval, valid for any "
     "distribution; its coverage in parentheses: at n = 5 the range of the 5 differences, 93.75%] and the "
     "verdict: **holds** = the sign interval excludes 0 and covers >= 90% (n >= 5; at n = 5: every seed on the same "
-    "side), **t only** = only the t-interval excludes 0 (it leans on normality), **not shown** = neither.")
+    "side, which chance alone does 1 time in 16), **t only** = only the t-interval excludes 0 (it leans on "
+    "normality), **not shown** = neither; tables/verdicts.md counts how many would hold by chance.")
 
 
 def _scope(selection: Selection) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -329,3 +330,32 @@ def test_a_path_valued_setting_names_its_run_by_the_last_part():
     assert settings_name({"model.path": "/models/qwen3-4b", "seed": 1}) == "model.path=qwen3-4b,seed=1"
     with pytest.raises(ValueError, match="no usable run name"):
         settings_name({})
+
+
+def test_a_run_is_stale_only_when_its_folder_lock_is_free_and_its_sweep_is_gone(tmp_path):
+    from rpg.tracking.identity import LOCK_FILE
+
+    assert not launch.abandoned(tmp_path)  # never started here: nothing says it is gone
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(tmp_path / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert not launch.abandoned(tmp_path)  # a trainer holds it
+    finally:
+        holder.kill()
+        holder.wait()
+    assert launch.abandoned(tmp_path)  # released by the kernel on SIGKILL
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another sweep command
+    try:
+        records = [{"launcher": "inline", "job_id": str(other.pid), "host": host},
+                   {"launcher": "inline", "job_id": str(dead.pid), "host": host},
+                   {"launcher": "inline", "job_id": str(os.getpid()), "host": host},  # this one runs nothing now
+                   {"launcher": "inline", "job_id": str(other.pid + 1), "host": host + "-elsewhere"}]
+        assert launch.live_jobs(records) == {str(other.pid)}  # the sweep that owns its runs still lives
+    finally:
+        other.kill()
+        other.wait()

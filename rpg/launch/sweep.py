@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         if launcher == "slurm" and not (args.status or shutil.which("sbatch")):
             raise SweepError("sbatch not found: run this on a SLURM login node (or export SLURM_CONF for the "
                              "local test cluster), or use --launcher local / inline")
-        parallel = args.parallel or (sweep.parallel if launcher == "inline" else 1)
+        parallel = args.parallel if args.parallel is not None else sweep.parallel if launcher == "inline" else 1
         if parallel < 1 or (parallel > 1 and launcher != "inline"):
             raise SweepError(f"--parallel {parallel}: runs at a time (>= 1) with --launcher inline; SLURM and local "
                              "jobs are placed by their launcher")

@@ -96,7 +96,7 @@ def holding(out_dir: Path, hold: bool = True):
         return
     with open(out_dir / LOCK_FILE, "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_within(f, seconds=3.0)  # a sweep checking whether the run is alive holds it for a moment
         except BlockingIOError:
             f.seek(0)
             raise ConfigError(f"out_dir={out_dir} is in use by another run of this configuration (pid "
@@ -110,6 +110,18 @@ def holding(out_dir: Path, hold: bool = True):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _lock_within(f, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def run(cfg) -> dict[str, float]:
