@@ -283,7 +283,9 @@ def write_tables(sweep: Sweep, out: Path, benches=None, k=None, stat="mean", gro
     if len(left):
         warnings.warn(f"{len(left)} run(s) not averaged: " + ", ".join(
             f"{r.run_name} ({r.counted[4:]})" for r in left.itertuples()), stacklevel=2)
-    warn = f"\n\n**Warning:** {len(left)} run(s) not averaged; see status.md." if len(left) else ""
+    warn = (f"\n\n**Warning:** {len(left)} run(s) not averaged, so their methods' rows hold the others only: "
+            + ", ".join(f"{r.run_name} ({r.counted})" for r in left.itertuples()) + "; see status.md."
+            if len(left) else "")
     groups = selection.groups()
     baselines = ([baseline] if isinstance(baseline, str) else list(baseline or [])) if "paired" in which else []
     parts = {"md": [], "tex": []} | {(b, f): [] for b in baselines for f in ("md", "tex")}
