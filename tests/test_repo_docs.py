@@ -9,7 +9,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DOC = re.compile(r"[A-Za-z0-9_./-]*[A-Za-z0-9_]\.md\b")
 #: written by `python -m analysis` into its --out folder, not part of the repository
-GENERATED = {"last_best.md", "status.md", "tables/status.md", "paired_vs_grpo.md"}
+GENERATED = {"last_best.md", "status.md", "tables/status.md", "paired_vs_grpo.md", "paired_vs_dapo.md", "verdicts.md",
+             "tables/verdicts.md", "tables/last_best.md"}  # outputs of python -m analysis
 
 
 def tracked_text_files() -> list[Path]:

@@ -307,7 +307,9 @@ def submit(plans: list[Planned], launcher: str, profile: str | None, runs_root, 
         if dry_run:
             print(f"would run {len(todo)} runs here, {parallel} at a time")
             return []
-        return launch.run_inline([p.config for p in todo], parallel)
+        from rpg.launch.inline import run_inline
+
+        return run_inline([p.config for p in todo], parallel)
     folder = str(Path(runs_root or default_runs_root()).resolve() / sweep.name / ".submitit" / "%j")
     groups: dict[str, tuple[dict, list[Planned]]] = {}
     for p in todo:
