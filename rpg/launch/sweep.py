@@ -243,7 +243,7 @@ def plan(sweep: Sweep, extra: list[str] = (), runs_root=None, check_queue: bool 
         info, config = newest.get(c.config_hash), c.config
         state, action = STATES.get(info.status if info else None, ("running", "skip"))
         if state == "running" and launch.abandoned(info.tags.get("out_dir") or config["out_dir"]):
-            state, action = "stale", "resubmit"  # its process was killed (SIGKILL, a lost node): resume it
+            state, action = "stale", "resubmit"  # its process was SIGKILLed: resume it
         if implicit:  # the job's working folder may differ: pin the store the lookup used
             config["tracking"]["uri"] = uri
         if action == "resubmit" and info.tags.get("out_dir") and Path(info.tags["out_dir"]).is_dir():
