@@ -186,10 +186,10 @@ def dynamics(sweep: Sweep, benches=None, k=None, group_by=("algo",), statuses=("
     groups, styles = _method_groups(_usual_settings(runs), group_by)
     panels = _eval_panels(sweep, benches, k, "mean")
     if benches is None and len(panels) < 3:  # one or two benchmarks: fill the row with the first one's other stats
-        first = choose(sweep, None, k)[0][0]
+        first, passes = choose(sweep, None, k)[0][0], eval_benchmarks(sweep, "pass")
         extra = [(f"eval/{first}/greedy_acc", f"{style.bench_label(first)} greedy accuracy", "accuracy")]
-        if first in eval_benchmarks(sweep, "pass"):
-            kp = max(eval_benchmarks(sweep, "pass")[first])
+        if first in passes:
+            kp = max(passes[first])
             extra.insert(0, (eval_key(sweep, first, "pass", kp), f"{style.bench_label(first)} pass@{kp}", "accuracy"))
         panels += [p for p in extra if p[0] in sweep.keys()][:3 - len(panels)]
     panels += TRAIN_PANELS

@@ -155,7 +155,7 @@ def test_paper_numbers_file():
 
 
 def test_paired_stats_by_hand():
-    from analysis.tables import paired_stats
+    from analysis.paired import paired_stats
 
     one = paired_stats(np.array([0.02]))
     assert one["n_pairs"] == 1 and np.isnan(one["ci_low"]) and np.isnan(one["p_signflip"])  # too few seeds
@@ -171,7 +171,7 @@ def test_paired_stats_by_hand():
 
 
 def test_sign_interval_and_verdicts_by_hand():
-    from analysis.tables import paired_stats, sign_interval, verdicts
+    from analysis.paired import paired_stats, sign_interval, verdicts
 
     five = paired_stats(np.array([0.3, 0.1, 0.2, 0.05, 0.4]))  # every seed above: the range, 1 - 2/32
     assert (five["sign_low"], five["sign_high"], five["sign_coverage"]) == (0.05, 0.4, pytest.approx(0.9375))
